@@ -1,0 +1,127 @@
+"""safetensors: an 8-byte little-endian header length, a JSON header, then raw bytes.
+
+Listing reads the header only. Checks beyond the library's: header size and tensor count
+caps, duplicate keys, offsets inside the data area, sizes matching shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .model import SAFETENSORS_DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo, contiguous_stride, tensor_kind
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_TENSORS = 500_000
+MAX_DIMS = 64
+
+
+def _bad(message: str) -> CheckpointError:
+    return CheckpointError("corrupt_safetensors", message)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _bad(f"safetensors header has duplicate key {key[:200]!r}")
+        out[key] = value
+    return out
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(header dict, data start offset, file size)."""
+    file_size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError("truncated", "file is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                "limit_exceeded", f"safetensors header of {header_len} bytes exceeds the 100 MiB limit"
+            )
+        if 8 + header_len > file_size:
+            raise CheckpointError("truncated", "safetensors header length points beyond the end of the file")
+        raw = fh.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("safetensors header is not valid UTF-8") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise _bad("safetensors header JSON nests too deeply") from None
+    except ValueError as exc:
+        raise _bad(f"safetensors header is not valid JSON: {exc}"[:300]) from None
+    if not isinstance(header, dict):
+        raise _bad("safetensors header is not a JSON object")
+    return header, 8 + header_len, file_size
+
+
+def _shape(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        raise _bad(f"tensor {name!r} has a malformed shape")
+    if not all(type(v) is int and v >= 0 for v in value):
+        raise _bad(f"tensor {name!r} has a negative or non-integer dimension")
+    return tuple(value)
+
+
+def read_safetensors(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    header, data_start, file_size = read_header(path)
+    raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
+        raise _bad("safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError("limit_exceeded", f"safetensors header lists {len(header)} tensors (limit {MAX_TENSORS})")
+    data_size = file_size - data_start
+    tensors: list[TensorInfo] = []
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _bad(f"tensor {name!r} header entry is not an object")
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CheckpointError(
+                "unsupported_dtype", f"tensor {name!r} has unsupported dtype {str(entry.get('dtype'))[:40]!r}"
+            )
+        shape = _shape(name, entry.get("shape"))
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(v) is int for v in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise _bad(f"tensor {name!r} has data offsets outside the file")
+        begin, end = offsets
+        if math.prod(shape) * dtype.itemsize != end - begin:
+            raise _bad(f"tensor {name!r}: shape {list(shape)} of {dtype.name} does not match its {end - begin} bytes")
+        spans.append((begin, end, name))
+        storage = StorageRef(str(path), data_start + begin, end - begin, name)
+        tensors.append(
+            TensorInfo(name, dtype.name, shape, contiguous_stride(shape), 0, storage, tensor_kind(name, dtype.name))
+        )
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise _bad(f"tensors {n0!r} and {n1!r} overlap in the data area")
+    warnings = []
+    covered = sum(e - b for b, e, _ in spans)
+    if covered != data_size:
+        warnings.append(f"{data_size - covered} bytes of the data area belong to no tensor")
+    return Checkpoint(
+        format="safetensors",
+        tensors=tensors,
+        roots=[RootInfo("", len(tensors))],
+        metadata={f"__metadata__.{k}": v for k, v in raw_meta.items()},
+        warnings=warnings,
+        files=[str(path)],
+    )

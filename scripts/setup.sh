@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up ckptscope in a virtual environment. Used by the README, .ci/run and the Dockerfile,
+# so all three install the same way.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   also the test tools and Debian's chromium for browser tests
+# Environment:
+#   CKPTSCOPE_VENV  where the venv goes (default .venv; "system" installs into the current python)
+#   TORCH_SPEC      the torch requirement installed first (default torch==2.13.0, a CPU build where
+#                   a local wheel or wheelhouse provides it; point PIP_FIND_LINKS at a wheelhouse)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+venv="${CKPTSCOPE_VENV:-.venv}"
+if [ "$venv" = "system" ]; then
+    py=python3
+else
+    if [ ! -x "$venv/bin/python" ]; then
+        "$(command -v python3.11 || command -v python3)" -m venv "$venv"
+    fi
+    py="$venv/bin/python"
+fi
+pip_install() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
+# torch first, pinned: an unpinned torch>=2.10 in an empty venv pulls a multi-GB CUDA build.
+pip_install "${TORCH_SPEC:-torch==2.13.0}"
+if [ "$with_tests" = 1 ]; then
+    pip_install -e ".[test]"
+    if ! command -v chromium >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ]; then
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+        else
+            echo "setup: chromium is missing; install Debian's chromium package for browser tests" >&2
+        fi
+    fi
+else
+    pip_install -e .
+fi
+echo "setup: ready ($py)"

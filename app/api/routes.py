@@ -1,0 +1,210 @@
+"""``/api/v1``: thin JSON routes over the services."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import select
+
+from app.services import checkpoints as svc
+from app.services.core import Core
+from app.services.errors import NotFound
+from app.services.inspect import tensor_record
+from app.store.catalogue import Checkpoint, Content, Job
+
+from . import schemas
+from .uploads import receive_uploads
+
+
+def get_core(request: Request) -> Core:
+    return request.app.state.core  # type: ignore[no-any-return]
+
+
+CoreDep = Annotated[Core, Depends(get_core)]
+RootQuery = Annotated[
+    str | None, Query(description="key path of the tensor dict to use in a nested checkpoint; default: the weights")
+]
+
+router = APIRouter(prefix="/api/v1", tags=["checkpoints"])
+
+PROBLEM = {"content": {"application/problem+json": {}}}
+ERRORS: dict[int | str, dict[str, Any]] = {404: {**PROBLEM, "description": "unknown id or name"}}
+
+
+def checkpoint_out(core: Core, row: Checkpoint, content: Content) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "sha256": content.key,
+        "format": content.format,
+        "tensor_count": content.tensor_count,
+        "total_bytes": content.total_bytes,
+        "size_bytes": row.size_bytes,
+        "created_at": row.created_at,
+        "origin": row.origin,
+        "stats_state": content.stats_state,
+        "job_id": core.jobs.job_for(content.key),
+    }
+
+
+def job_out(job: Job) -> dict[str, Any]:
+    progress = 1.0 if job.state == "done" else (job.done / job.total if job.total else 0.0)
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "done": job.done,
+        "total": job.total,
+        "progress": round(progress, 4),
+        "error": job.error,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    }
+
+
+@router.post(
+    "/checkpoints",
+    status_code=201,
+    response_model=schemas.CheckpointOut,
+    responses={
+        413: {**PROBLEM, "description": "upload larger than CKPTSCOPE_MAX_UPLOAD_BYTES"},
+        422: {**PROBLEM, "description": "not a readable checkpoint (the detail says why)"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "name": {"type": "string"},
+                        },
+                        "required": ["file"],
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def upload_checkpoint(
+    request: Request,
+    core: CoreDep,
+    filename: Annotated[str | None, Query(description="display name for a raw (non-multipart) body")] = None,
+) -> dict[str, Any]:
+    """Upload a checkpoint: multipart field `file` (repeat it for a sharded set with its index) or
+    the raw file as the body with `?filename=`. Stats are computed in the background."""
+    uploads, fields = await receive_uploads(core, request, filename)
+    row = svc.ingest(core, uploads, name=fields.get("name") or None)
+    row, content = svc.get_checkpoint(core, row.id)
+    return checkpoint_out(core, row, content)
+
+
+@router.get("/checkpoints", response_model=list[schemas.CheckpointOut])
+def list_checkpoints(core: CoreDep) -> list[dict[str, Any]]:
+    return [checkpoint_out(core, row, content) for row, content in svc.list_checkpoints(core)]
+
+
+@router.get("/checkpoints/{checkpoint_id}", response_model=schemas.CheckpointDetailOut, responses=ERRORS)
+def get_checkpoint(checkpoint_id: str, core: CoreDep) -> dict[str, Any]:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    files = [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in svc.files_of(core, content.key)]
+    return checkpoint_out(core, row, content) | {
+        "default_root": content.default_root,
+        "roots": content.roots,
+        "metadata": content.meta,
+        "warnings": content.warnings,
+        "files": files,
+        "stats_error": content.stats_error,
+        "provenance": row.provenance,
+    }
+
+
+@router.delete("/checkpoints/{checkpoint_id}", status_code=204, responses=ERRORS)
+def delete_checkpoint(checkpoint_id: str, core: CoreDep) -> Response:
+    svc.delete_checkpoint(core, checkpoint_id)
+    return Response(status_code=204)
+
+
+@router.get("/checkpoints/{checkpoint_id}/tree", response_model=schemas.TreeOut, responses=ERRORS)
+def get_tree(
+    checkpoint_id: str,
+    core: CoreDep,
+    root: RootQuery = None,
+    path: Annotated[str, Query(description="dotted module path of the subtree to return")] = "",
+    depth: Annotated[int | None, Query(ge=0, description="levels of children to include; all when omitted")] = None,
+) -> dict[str, Any]:
+    """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals)."""
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    node = svc.module_tree(core, content, root).find(path)
+    if node is None:
+        raise NotFound(f"no module {path!r} in this checkpoint")
+    return {"root": root, "stats_state": content.stats_state, "tree": node.to_json(depth)}
+
+
+@router.get("/checkpoints/{checkpoint_id}/tensors", response_model=schemas.TensorPageOut, responses=ERRORS)
+def list_tensors(
+    checkpoint_id: str,
+    core: CoreDep,
+    root: RootQuery = None,
+    prefix: Annotated[str, Query(description="only names starting with this (e.g. 'encoder.')")] = "",
+    search: Annotated[str, Query(description="only names containing this (case-insensitive)")] = "",
+    kind: Annotated[str | None, Query(pattern="^(parameter|buffer|alias)$")] = None,
+    nonfinite: Annotated[bool, Query(description="only tensors with NaN or Inf")] = False,
+    sort: Annotated[str, Query(description=f"one of {', '.join(svc.SORTABLE)}")] = "position",
+    desc: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 100,
+) -> dict[str, Any]:
+    """Tensors with their stats (`stats` is null while the stats job is still running)."""
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    page = svc.tensor_page(
+        core,
+        content,
+        root,
+        prefix=prefix,
+        search=search,
+        kind=kind,
+        only_nonfinite=nonfinite,
+        sort=sort,
+        descending=desc,
+        offset=offset,
+        limit=limit,
+    )
+    return {
+        "root": root,
+        "total": page.total,
+        "offset": offset,
+        "limit": limit,
+        "stats_state": content.stats_state,
+        "tensors": [tensor_record(t, s) | {"stats": s.to_json() if s else None} for t, s in page.rows],
+    }
+
+
+@router.get(
+    "/checkpoints/{checkpoint_id}/tensors/{name:path}", response_model=schemas.TensorDetailOut, responses=ERRORS
+)
+def get_tensor(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery = None) -> dict[str, Any]:
+    """One tensor with full stats and its 64-bin histogram."""
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    info, stats = svc.tensor_detail(core, content, root, name)
+    return tensor_record(info, stats) | {
+        "stats": stats.to_json() if stats else None,
+        "root": root,
+        "stats_state": content.stats_state,
+    }
+
+
+@router.get("/jobs/{job_id}", response_model=schemas.JobOut, responses=ERRORS, tags=["jobs"])
+def get_job(job_id: str, core: CoreDep) -> dict[str, Any]:
+    with core.catalogue.session() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).first()
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job_out(job)

@@ -1,0 +1,1 @@
+"""Background work with progress the UI can poll and scripts can read."""

@@ -1,0 +1,27 @@
+"""Errors the services raise for the API and UI to show (the readers raise CheckpointError)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status = 404
+    title = "Not found"
+
+
+class Invalid(ServiceError):
+    status = 422
+    title = "Unprocessable content"
+
+
+class Conflict(ServiceError):
+    status = 409
+    title = "Conflict"

@@ -1,0 +1,1 @@
+"""Storage: the content-addressed blob store and the SQL catalogue."""

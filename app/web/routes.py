@@ -1,0 +1,157 @@
+"""Pages and htmx fragments. Every URL that htmx pushes into history renders as a full page."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from app import __version__
+from app.api.routes import CoreDep
+from app.api.uploads import receive_uploads
+from app.services import checkpoints as svc
+from app.services.errors import NotFound
+from app.store.catalogue import Job
+
+from .templating import is_htmx, render
+
+router = APIRouter(include_in_schema=False)
+PAGE_SIZE = 50
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, core: CoreDep) -> Response:
+    items = svc.list_checkpoints(core)
+    block = "checkpoint_list" if request.headers.get("HX-Target") == "checkpoint-list" else None
+    return render(
+        request,
+        "home.html",
+        {"items": items, "version": __version__, "max_upload": core.settings.max_upload_bytes},
+        block,
+    )
+
+
+@router.post("/upload")
+async def upload(request: Request, core: CoreDep) -> Response:
+    uploads, fields = await receive_uploads(core, request, None)
+    row = svc.ingest(core, uploads, name=fields.get("name") or None)
+    url = f"/checkpoints/{row.id}"
+    if is_htmx(request):
+        return Response(status_code=200, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+@router.delete("/checkpoints/{checkpoint_id}")
+def delete(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    svc.delete_checkpoint(core, checkpoint_id)
+    return render(request, "home.html", {"items": svc.list_checkpoints(core)}, "checkpoint_list")
+
+
+def _progress(core: Any, content: Any) -> dict[str, Any] | None:
+    if content.stats_state == "done":
+        return None
+    job_id = core.jobs.job_for(content.key)
+    job = None
+    if job_id:
+        with core.catalogue.session() as session:
+            job = session.scalars(select(Job).where(Job.id == job_id)).first()
+    return {
+        "state": content.stats_state,
+        "error": content.stats_error,
+        "done": job.done if job else 0,
+        "total": job.total if job else 0,
+    }
+
+
+@router.get("/checkpoints/{checkpoint_id}", response_class=HTMLResponse)
+def checkpoint_page(
+    request: Request,
+    checkpoint_id: str,
+    core: CoreDep,
+    root: str | None = None,
+    tensor: str | None = None,
+    q: str = "",
+    kind: Annotated[str, Query(pattern="^(|parameter|buffer|alias)$")] = "",
+    nonfinite: bool = False,
+    sort: str = "position",
+    desc: bool = False,
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    params = {
+        "root": root if root != content.default_root else None,
+        "q": q,
+        "kind": kind,
+        "nonfinite": nonfinite,
+        "sort": sort if sort != "position" else None,
+        "desc": desc,
+    }
+    table = svc.tensor_page(
+        core,
+        content,
+        root,
+        search=q,
+        kind=kind or None,
+        only_nonfinite=nonfinite,
+        sort=sort,
+        descending=desc,
+        offset=(page - 1) * PAGE_SIZE,
+        limit=PAGE_SIZE,
+    )
+    detail = None
+    detail_error = None
+    if tensor is not None:
+        try:
+            detail = svc.tensor_detail(core, content, root, tensor)
+        except NotFound as exc:
+            detail_error = exc.detail
+    context = {
+        "ckpt": row,
+        "content": content,
+        "root": root,
+        "params": params,
+        "page": page,
+        "pages": max(1, -(-table.total // PAGE_SIZE)),
+        "table": table,
+        "tree": svc.module_tree(core, content, root),
+        "detail": detail,
+        "detail_error": detail_error,
+        "selected": tensor,
+        "progress": _progress(core, content),
+        "files": svc.files_of(core, content.key),
+    }
+    target = request.headers.get("HX-Target") if is_htmx(request) else None
+    block = {"detail": "detail", "tensor-table": "tensor_table"}.get(target or "")
+    return render(request, "checkpoint.html", context, block)
+
+
+@router.get("/checkpoints/{checkpoint_id}/tree", response_class=HTMLResponse)
+def tree_children(
+    request: Request, checkpoint_id: str, core: CoreDep, root: str | None = None, path: str = ""
+) -> Response:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    node = svc.module_tree(core, content, root).find(path)
+    if node is None:
+        raise NotFound(f"no module {path!r} in this checkpoint")
+    params = {"root": root if root != content.default_root else None}
+    context = {"ckpt": row, "node": node, "params": params, "offset": 0}
+    return render(request, "checkpoint.html", context, "tree_children")
+
+
+@router.get("/checkpoints/{checkpoint_id}/progress", response_class=HTMLResponse)
+def progress(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    state = _progress(core, content)
+    headers = {"HX-Trigger": "stats-ready"} if state is None else None
+    return render(
+        request, "checkpoint.html", {"ckpt": row, "progress": state, "just_finished": True}, "progress", headers=headers
+    )
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def docs(request: Request) -> Response:
+    return render(request, "docs.html", {})

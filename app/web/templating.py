@@ -1,0 +1,120 @@
+"""Jinja2 rendering with autoescape everywhere, and htmx block rendering.
+
+A page is one template; an htmx request renders just one ``{% block %}`` of it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from app.stats import HIST_BINS
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def num(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.5g}"
+    return f"{value:.4e}"
+
+
+def histogram_bars(hist: list[int], width: int = 640, height: int = 160) -> list[dict[str, float]]:
+    """SVG bar geometry for a histogram (linear heights, at least 1px for non-empty bins)."""
+    top = max(hist) if hist else 0
+    bar = width / HIST_BINS
+    bars = []
+    for i, count in enumerate(hist):
+        h = 0.0 if top == 0 or count == 0 else max(1.0, height * count / top)
+        bars.append(
+            {
+                "x": round(i * bar, 2),
+                "y": round(height - h, 2),
+                "w": round(bar * 0.85, 2),
+                "h": round(h, 2),
+                "count": count,
+            }
+        )
+    return bars
+
+
+def reveal_controls(value: Any) -> Any:
+    """Show invisible and bidirectional control characters (e.g. U+202E, which reverses the text
+    after it) as visible escapes, so attacker-chosen names cannot disguise themselves."""
+    if not isinstance(value, str) or value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in value)
+
+
+def query(base: dict[str, Any], **changes: Any) -> str:
+    merged = {**base, **changes}
+    return urlencode({k: "true" if v is True else v for k, v in merged.items() if v not in (None, "", False)})
+
+
+env = Environment(
+    loader=FileSystemLoader(TEMPLATES_DIR),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    finalize=reveal_controls,
+)
+env.filters.update(human_bytes=human_bytes, human_count=human_count, num=num)
+env.globals.update(histogram_bars=histogram_bars, query=query, isfinite=math.isfinite)
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any],
+    block: str | None = None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> HTMLResponse:
+    tmpl = env.get_template(template)
+    ctx = {"request": request, **context}
+    if block is not None:
+        html = "".join(tmpl.blocks[block](tmpl.new_context(ctx)))
+    else:
+        html = tmpl.render(ctx)
+    response = HTMLResponse(html, status_code=status, headers=headers)
+    response.headers["Vary"] = "HX-Request, HX-Target"
+    return response
+
+
+def render_error(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
+    block = "message" if is_htmx(request) else None
+    return render(request, "error.html", {"status": status, "title": title, "detail": detail}, block, status)

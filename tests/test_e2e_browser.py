@@ -1,0 +1,231 @@
+"""End-to-end: a real uvicorn server on a free loopback port, driven by Debian's chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from playwright.sync_api import expect
+
+from tests import factories as f
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("server-data")
+    port = free_port()
+    env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data)}
+    log = (data / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start: " + (data / "server.log").read_text()) from None
+            time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+    assert "Traceback" not in (data / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "Debian's chromium is required for the browser tests (scripts/setup.sh --test installs it)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, artifacts_dir, request):
+    context = browser.new_context(viewport={"width": 1500, "height": 950})
+    pg = context.new_page()
+    errors: list[str] = []  # JS exceptions and console errors (CSP violations included)
+    http_errors: list[str] = []  # 4xx/5xx responses: expected only where a test asks for them
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_console(msg) -> None:
+        if msg.type == "error":
+            expected = "Failed to load resource" in msg.text or "Response Status Error" in msg.text
+            (http_errors if expected else errors).append(msg.text)
+
+    pg.on("console", on_console)
+    pg.allow_http_errors = False
+    dialogs: list[str] = []
+    pg.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    pg.dialogs = dialogs
+    yield pg
+    pg.screenshot(path=str(artifacts_dir / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert errors == [], errors
+    assert pg.allow_http_errors or http_errors == [], http_errors
+
+
+def upload_via_form(page, base: str, path: Path) -> None:
+    page.goto(base + "/")
+    page.set_input_files("#file-input", str(path))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_url("**/checkpoints/*", timeout=30000)
+
+
+def wait_for_stats(page) -> None:
+    """The progress component polls itself, then the table reloads with the stats."""
+    expect(page.locator("#stats-progress:not(.ok)")).to_have_count(0, timeout=30000)
+    expect(page.locator("td.pending")).to_have_count(0, timeout=10000)
+
+
+def test_upload_expand_tree_open_tensor(server, page, tmp_path, artifacts_dir):
+    torch.manual_seed(0)
+    model = f.TinyTransformer(layers=4)
+    sd = model.state_dict()
+    sd["layers.2.linear1.weight"][0, :3] = float("nan")
+    path = f.save_torch(sd, tmp_path / "tiny-transformer.pt")
+    upload_via_form(page, server, path)
+
+    wait_for_stats(page)
+    assert page.locator("h1").inner_text() == "tiny-transformer.pt"
+    assert "1 tied" in page.locator(".ckpt-header").inner_text()
+
+    page.click("details[data-path='layers'] > summary")
+    layer2 = page.locator("details[data-path='layers.2'] > summary")
+    assert "NaN 3" in layer2.inner_text()
+    assert "NaN" not in page.locator("details[data-path='layers.1'] > summary").inner_text()
+    layer2.click()
+    page.click("details[data-path='layers.2.linear1'] > summary")
+    page.click("a.leaf[data-tensor='layers.2.linear1.weight']")
+    page.wait_for_selector("#detail h2.tensor-name:has-text('layers.2.linear1.weight')")
+
+    detail = page.locator("#detail")
+    w = sd["layers.2.linear1.weight"].double()
+    finite = w[torch.isfinite(w)]
+    assert detail.locator("[data-stat=nan]").inner_text() == "3"
+    assert float(detail.locator("[data-stat=mean]").inner_text()) == pytest.approx(finite.mean().item(), rel=1e-4)
+    assert float(detail.locator("[data-stat=max]").inner_text()) == pytest.approx(finite.max().item(), rel=1e-4)
+    assert detail.locator("figure.histogram svg rect").count() == 64
+    assert "tensor=layers.2.linear1.weight" in page.url
+    page.screenshot(path=str(artifacts_dir / "checkpoint-page.png"), full_page=True)
+
+    # the pushed URL is a real page
+    page.goto(page.url)
+    assert page.locator("#detail h2.tensor-name").inner_text() == "layers.2.linear1.weight"
+
+
+def test_search_sort_filter_and_reload(server, page, tmp_path):
+    tensors = {f"blocks.{i}.proj.weight": torch.linspace(-1, 1, 20) * (i + 1) for i in range(30)}
+    tensors["blocks.7.norm.running_mean"] = torch.zeros(3)
+    upload_via_form(page, server, f.save_safetensors(tensors, tmp_path / "blocks.safetensors"))
+    wait_for_stats(page)
+    assert "31 tensors" in page.locator("#tensor-table").inner_text()
+    table = page.locator("#tensor-table")
+    page.fill("input[name=q]", "blocks.2")
+    expect(table).to_contain_text("11 tensors")  # blocks.2, blocks.20-29
+    assert "q=blocks.2" in page.url
+    page.select_option("select[name=kind]", "buffer")
+    expect(table).to_contain_text("0 tensors")
+    page.select_option("select[name=kind]", "")
+    page.fill("input[name=q]", "")
+    expect(table).to_contain_text("31 tensors")
+    page.click("table.tensors th a:has-text('Std')")
+    expect(page.locator("table.tensors th a:has-text('Std')")).to_contain_text("▲")
+    page.click("table.tensors th a:has-text('Std')")  # second click: descending
+    page.wait_for_url("**desc=true**")
+    expect(page.locator("table.tensors tbody tr td.name a").first).to_have_text("blocks.29.proj.weight")
+    page.reload()
+    assert page.locator("table.tensors tbody tr td.name a").first.inner_text() == "blocks.29.proj.weight"
+
+
+def test_hostile_names_render_as_text(server, page, tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    tensors = {
+        evil: torch.ones(2),
+        "../../etc/passwd": torch.ones(1),
+        "\u202eexe.txt": torch.ones(1),
+        "{{ 7*7 }}": torch.ones(1),
+    }
+    path = f.save_safetensors(tensors, tmp_path / "evil.safetensors", metadata={"note": "<script>alert(2)</script>"})
+    upload_via_form(page, server, path)
+    wait_for_stats(page)
+    text = page.locator("body").inner_text()
+    assert evil in text and "{{ 7*7 }}" in text and "../../etc/passwd" in text
+    assert "\\u202eexe.txt" in text and "\u202e" not in text  # the override is shown, not obeyed
+    assert "49" not in page.locator("#tensor-table").inner_text().replace("1.49", "")
+    page.click("details.meta summary")
+    assert "<script>alert(2)</script>" in page.locator("details.meta").inner_text()
+    assert page.locator("img[src=x]").count() == 0 and page.locator("main script").count() == 0
+    page.click(f"table.tensors td.name a:text-is('{evil}')")
+    page.wait_for_selector("#detail h2.tensor-name")
+    assert page.locator("#detail h2.tensor-name").inner_text() == evil
+    assert page.dialogs == []
+
+
+def test_bad_upload_shows_readable_error(server, page, tmp_path):
+    page.allow_http_errors = True
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint at all" * 10)
+    page.goto(server + "/")
+    page.set_input_files("#file-input", str(junk))
+    page.click("#upload-form button[type=submit]")
+    message = page.wait_for_selector("#upload-result .message.error")
+    assert "unrecognised file" in message.inner_text()
+    assert "Traceback" not in page.content()
+    page.goto(server + "/checkpoints/does-not-exist")
+    assert "no checkpoint with id" in page.locator(".message.error").inner_text()
+
+
+def test_nested_checkpoint_root_switch_and_delete(server, page, tmp_path):
+    upload_via_form(page, server, f.training_checkpoint(tmp_path / "trainer-last.ckpt"))
+    assert "11 tensors" in page.locator("#tensor-table").inner_text()
+    page.select_option("select[name=root]", "optimizer.state")
+    page.click("form.roots button")
+    page.wait_for_url("**root=optimizer.state**")
+    page.wait_for_selector("table.tensors >> text=0.exp_avg_sq")
+    page.goto(server + "/")
+    row = page.locator("#checkpoint-list tr:has-text('trainer-last.ckpt')")
+    row.locator("button:has-text('Delete')").click()
+    expect(page.locator("#checkpoint-list")).not_to_contain_text("trainer-last.ckpt")
+    assert page.dialogs == ["Delete this checkpoint?"]
+
+
+def test_swagger_ui_is_self_hosted(server, page):
+    page.goto(server + "/docs")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=20000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any(p.replace("\u200b", "") == "/api/v1/checkpoints" for p in paths), paths

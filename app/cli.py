@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from app.formats import CheckpointError
+from app.services.errors import ServiceError
 
 
 def _human_bytes(n: float) -> str:
@@ -103,6 +104,160 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise SystemExit(f"ckptscope: {what} {value!r} must look like OLD=NEW (NEW may be empty)")
+        old, new = value.split("=", 1)
+        out[old] = new
+    return out
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(out: str, write: Any) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(out)
+    fd, temp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(temp))
+        os.replace(temp, target)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+def _format_for_output(path: str, requested: str | None) -> str:
+    if requested:
+        return requested
+    return "safetensors" if path.endswith(".safetensors") else "pt"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from app.formats import open_checkpoint
+    from app.services.operations import export_metadata, export_with_plan, write_checkpoint
+
+    ckpt = open_checkpoint(args.path)
+    root = ckpt.default_root if args.root is None else args.root
+    outputs, plan = export_with_plan(
+        ckpt.root_tensors(root), args.include, args.exclude, _pairs(args.rename, "--rename"), args.freeze
+    )
+    fmt = _format_for_output(args.output, args.format)
+    selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": _pairs(args.rename, "")}
+    kept = (
+        {
+            k.removeprefix("__metadata__."): v
+            for k, v in ckpt.metadata.items()
+            if k.startswith("__metadata__.") and isinstance(v, str)
+        }
+        if fmt == "safetensors"
+        else {}
+    )
+    metadata = export_metadata(args.path.rsplit("/", 1)[-1], _sha256(args.path), selection, plan, kept)
+    _write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
+    print(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
+    return 0
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from app.formats import open_checkpoint
+    from app.services.operations import copy_report, output_format_for, write_checkpoint
+
+    src = open_checkpoint(args.source)
+    dst = open_checkpoint(args.target)
+    report = copy_report(
+        src.root_tensors(args.source_root),
+        dst.root_tensors(args.target_root),
+        _pairs(args.map, "--map"),
+        strict=not args.no_strict,
+    )
+    data = report.to_json()
+    written = False
+    if not args.dry_run and (report.ok or args.no_strict) and report.copied:
+        if not args.output:
+            raise SystemExit("ckptscope: copy needs -o OUTPUT (or --dry-run)")
+        fmt = output_format_for(dst.format)
+        meta = {
+            "ckptscope.copy": json.dumps(
+                {"source": args.source, "target": args.target, "mapping": report.mapping}, sort_keys=True
+            )
+        }
+        _write_atomically(args.output, lambda p: write_checkpoint(p, report.outputs, fmt, meta))
+        written = True
+    if args.json:
+        print(json.dumps({"written": written, "report": data}))
+    else:
+        counts = data["counts"]
+        print(
+            f"copied {counts['copied']}, missing {counts['missing']}, unexpected {counts['unexpected']}, "
+            f"shape mismatches {counts['shape_mismatches']}, dtype changes {counts['dtype_changes']}"
+        )
+        for key in ("missing", "unexpected", "shape_mismatches", "dtype_changes"):
+            for item in data[key][:20]:
+                print(f"  {key}: {item}")
+        print(f"wrote {args.output}" if written else "nothing written")
+    if not args.dry_run and not report.ok and not args.no_strict:
+        print("ckptscope: strict copy refused (use --no-strict to copy what fits)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    from app.formats import open_checkpoint
+    from app.services.operations import freeze_plan
+
+    ckpt = open_checkpoint(args.path)
+    plan = freeze_plan(ckpt.root_tensors(args.root), args.freeze)
+    if args.snippet:
+        print(plan.snippet())
+    elif args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(
+            f"frozen: {len(plan.frozen)} tensors, {plan.frozen_params:,} values; "
+            f"trainable: {len(plan.trainable)} tensors, {plan.trainable_params:,} values "
+            f"({plan.trainable_fraction:.1%}); buffers (not parameters): {len(plan.buffers)}"
+        )
+        for prefix in plan.unmatched_prefixes:
+            print(f"warning: {prefix!r} matches no tensor", file=sys.stderr)
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from app.formats import open_checkpoint
+    from app.services.operations import diff_tensors
+
+    a = open_checkpoint(args.a)
+    b = open_checkpoint(args.b)
+    result = diff_tensors(a.root_tensors(args.a_root), b.root_tensors(args.b_root))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    for row in result["tensors"]:
+        if row["status"] != "identical":
+            extra = ""
+            if row.get("max_abs_diff") is not None:
+                extra = (
+                    f" max|a-b| {row['max_abs_diff']:.4g} rel-L2 {_fmt(row.get('rel_l2'))}"
+                    f" cos {_fmt(row.get('cosine'))}"
+                )
+            print(f"{row['status']:>14}  {row['name']}{extra}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -124,6 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="key path of the tensor dict to show (nested checkpoints)")
     p.add_argument("--no-stats", action="store_true", help="list only; never read tensor data")
     p.set_defaults(func=_cmd_inspect)
+    e = sub.add_parser("export", help="write selected modules as a new checkpoint (bytes streamed)")
+    e.add_argument("path")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--include", action="append", default=[], help="module/tensor prefix to keep (repeatable)")
+    e.add_argument("--exclude", action="append", default=[], help="module/tensor prefix to drop (repeatable)")
+    e.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="prefix rename (repeatable)")
+    e.add_argument("--format", choices=["safetensors", "pt"], default=None, help="default: from the output name")
+    e.add_argument("--freeze", action="append", default=[], help="embed a freeze plan for this module")
+    e.add_argument("--root", default=None)
+    e.set_defaults(func=_cmd_export)
+    c = sub.add_parser("copy", help="copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
+    c.add_argument("source")
+    c.add_argument("target")
+    c.add_argument("--map", action="append", required=True, metavar="SRC=DST", help="prefix mapping (repeatable)")
+    c.add_argument("-o", "--output")
+    c.add_argument("--no-strict", action="store_true", help="copy what fits, report the rest")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--source-root", default=None)
+    c.add_argument("--target-root", default=None)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_copy)
+    fz = sub.add_parser("freeze", help="plan which parameters to freeze")
+    fz.add_argument("path")
+    fz.add_argument("--freeze", action="append", required=True, help="module to freeze (repeatable)")
+    fz.add_argument("--root", default=None)
+    fz.add_argument("--json", action="store_true")
+    fz.add_argument("--snippet", action="store_true", help="print the PyTorch snippet that applies the plan")
+    fz.set_defaults(func=_cmd_freeze)
+    d = sub.add_parser("diff", help="compare two checkpoints tensor by tensor")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--a-root", default=None)
+    d.add_argument("--b-root", default=None)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_diff)
     s = sub.add_parser("serve", help="start the web server")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
@@ -140,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyError as exc:  # unknown --root
         print(f"ckptscope: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"ckptscope: {exc.detail}", file=sys.stderr)
         return 2
 
 

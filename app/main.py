@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__, problems
+from app.api.routes import ops_router
 from app.api.routes import router as api_router
 from app.api.schemas import Health
 from app.config import Settings, get_settings
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.core = core
     problems.install(app)
     app.include_router(api_router)
+    app.include_router(ops_router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
+from app.services import catalogue_ops as ops
 from app.services import checkpoints as svc
 from app.services.core import Core
 from app.services.errors import NotFound
@@ -208,3 +210,97 @@ def get_job(job_id: str, core: CoreDep) -> dict[str, Any]:
     if job is None:
         raise NotFound(f"no job with id {job_id!r}")
     return job_out(job)
+
+
+ops_router = APIRouter(prefix="/api/v1", tags=["operations"])
+
+
+@ops_router.post(
+    "/copy",
+    response_model=schemas.CopyResult,
+    responses={
+        201: {"model": schemas.CopyResult, "description": "written: a new checkpoint"},
+        422: {**PROBLEM, "description": "strict copy with mismatches (the report is in `report`)"},
+        **ERRORS,
+    },
+)
+def copy_modules(body: schemas.CopyRequest, core: CoreDep, request: Request) -> Any:
+    """Copy modules from one checkpoint into another, like
+    `b.block.load_state_dict(a.block.state_dict(), strict=...)`. The report lists copied, missing,
+    unexpected and mis-shaped keys and dtype changes. `dry_run` only reports; a strict copy with any
+    mismatch writes nothing (422); otherwise the result is a new checkpoint in the target's format."""
+    report, row = ops.copy(
+        core,
+        body.source,
+        body.target,
+        body.mapping,
+        strict=body.strict,
+        dry_run=body.dry_run,
+        source_root=body.source_root,
+        target_root=body.target_root,
+    )
+    if row is None:
+        if not body.dry_run and body.strict and not report.ok:
+            from app.problems import problem
+
+            return problem(
+                request,
+                422,
+                "strict copy refused: keys are missing, unexpected or mis-shaped",
+                "copy_mismatch",
+                report=report.to_json(),
+            )
+        if not body.dry_run:
+            from app.problems import problem
+
+            return problem(
+                request, 422, "nothing to copy: no source tensor fits the target", "copy_empty", report=report.to_json()
+            )
+        return {"written": False, "report": report.to_json(), "checkpoint": None}
+    row, content = svc.get_checkpoint(core, row.id)
+    body_out = {"written": True, "report": report.to_json(), "checkpoint": checkpoint_out(core, row, content)}
+    return JSONResponse(schemas.CopyResult(**body_out).model_dump(mode="json"), status_code=201)
+
+
+@ops_router.post("/checkpoints/{checkpoint_id}/freeze-plan", responses=ERRORS)
+def freeze_plan(checkpoint_id: str, body: schemas.FreezeRequest, core: CoreDep) -> dict[str, Any]:
+    """Which parameters a freeze of these modules stops training (buffers listed apart), with
+    counts, the trainable fraction and a PyTorch snippet that applies the plan."""
+    return ops.freeze(core, checkpoint_id, body.freeze, body.root).to_json()
+
+
+@ops_router.post(
+    "/checkpoints/{checkpoint_id}/export", status_code=201, response_model=schemas.ExportResult, responses=ERRORS
+)
+def export_checkpoint(checkpoint_id: str, body: schemas.ExportRequest, core: CoreDep) -> dict[str, Any]:
+    """Write the selected tensors as a new partial checkpoint (bytes streamed from the source,
+    bit-identical), stored in the catalogue and downloadable."""
+    row, plan = ops.export(
+        core,
+        checkpoint_id,
+        root=body.root,
+        include=body.include,
+        exclude=body.exclude,
+        rename=body.rename,
+        fmt=body.format,
+        freeze=body.freeze,
+    )
+    row, content = svc.get_checkpoint(core, row.id)
+    return checkpoint_out(core, row, content) | {"freeze_plan": plan.to_json() if plan else None}
+
+
+@ops_router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse, responses=ERRORS)
+def download(
+    checkpoint_id: str,
+    core: CoreDep,
+    file: Annotated[str | None, Query(description="file name, for a sharded set")] = None,
+) -> FileResponse:
+    path, name = ops.download(core, checkpoint_id, file)
+    return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+
+@ops_router.get("/diff", responses=ERRORS)
+def diff(core: CoreDep, a: str, b: str, a_root: str | None = None, b_root: str | None = None) -> dict[str, Any]:
+    """Compare two checkpoints: only-in-A, only-in-B, shape/dtype changes, and for common tensors
+    max |a-b|, relative L2 difference, cosine similarity and an identical flag, rolled up the tree."""
+    return ops.diff(core, a, b, a_root, b_root)

@@ -124,3 +124,40 @@ class TreeOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class CopyRequest(BaseModel):
+    source: str = Field(description="checkpoint id to copy tensors from")
+    target: str = Field(description="checkpoint id to copy into (never modified; the result is a new checkpoint)")
+    mapping: dict[str, str] = Field(
+        description="source prefix -> target prefix, e.g. {'encoder.': 'backbone.'}; "
+        "{'module.': ''} strips a DDP prefix"
+    )
+    strict: bool = Field(True, description="refuse to write when any key is missing, unexpected or mis-shaped")
+    dry_run: bool = Field(False, description="only report what would happen")
+    source_root: str | None = None
+    target_root: str | None = None
+
+
+class CopyResult(BaseModel):
+    written: bool
+    report: dict[str, Any]
+    checkpoint: CheckpointOut | None = None
+
+
+class FreezeRequest(BaseModel):
+    freeze: list[str] = Field(description="modules to freeze, e.g. ['backbone.', 'embed']")
+    root: str | None = None
+
+
+class ExportRequest(BaseModel):
+    include: list[str] = Field(default_factory=list, description="modules/tensors to keep (all when empty)")
+    exclude: list[str] = Field(default_factory=list, description="modules/tensors to drop")
+    rename: dict[str, str] = Field(default_factory=dict, description="prefix renames, e.g. {'module.': ''}")
+    format: str = Field("safetensors", pattern="^(safetensors|pt)$")
+    freeze: list[str] = Field(default_factory=list, description="embed a freeze plan for these modules")
+    root: str | None = None
+
+
+class ExportResult(CheckpointOut):
+    freeze_plan: dict[str, Any] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from .pickled_tree import build_checkpoint
 from .torch_pickle import PickledStorage, unpickle_restricted
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
+MAX_METADATA_BYTES = 1024 * 1024
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 
@@ -105,4 +107,19 @@ def read_torch_zip(path: str | Path) -> Checkpoint:
             located[key] = ref
             return ref
 
-        return build_checkpoint(obj, "torch-zip", locate, [str(path)])
+        checkpoint = build_checkpoint(obj, "torch-zip", locate, [str(path)])
+        checkpoint.metadata.update(_ckptscope_metadata(archive, entries.get(prefix + "ckptscope.json")))
+        return checkpoint
+
+
+def _ckptscope_metadata(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict[str, str]:
+    """Provenance that ckptscope's own exports store beside data.pkl (torch ignores the entry)."""
+    if info is None or info.file_size > MAX_METADATA_BYTES:
+        return {}
+    try:
+        data = json.loads(archive.read(info))
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and k.startswith("ckptscope.") and isinstance(v, str)}

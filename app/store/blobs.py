@@ -90,17 +90,29 @@ class BlobStore:
     def writer(self, limit: int | None = None) -> BlobWriter:
         return BlobWriter(self, limit)
 
-    def put_file(self, source: Path) -> Blob:
-        """Copy a local file in (used for files the server itself produces)."""
-        writer = self.writer()
-        try:
-            with source.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.commit()
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path in the store's temp directory, for a file the server writes itself."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def adopt(self, temp: Path) -> Blob:
+        """Move a finished (fsynced) file from the temp directory into the store."""
+        digest = hashlib.sha256()
+        size = 0
+        with temp.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        sha = digest.hexdigest()
+        final = self.path_for(sha)
+        if final.exists():
+            temp.unlink()
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+            _fsync_dir(final.parent)
+        return Blob(sha, size, final)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()

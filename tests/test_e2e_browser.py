@@ -229,3 +229,67 @@ def test_swagger_ui_is_self_hosted(server, page):
     expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=20000)
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert any(p.replace("\u200b", "") == "/api/v1/checkpoints" for p in paths), paths
+
+
+def _api(server: str, path: str) -> bytes:
+    with urllib.request.urlopen(server + path, timeout=30) as r:
+        return r.read()
+
+
+def test_copy_freeze_export_and_compare_in_the_browser(server, page, tmp_path):
+    import copy
+    import io
+    import json
+
+    from tests.test_operations import models
+
+    a, b = models()
+    upload_via_form(page, server, f.save_torch(b.state_dict(), tmp_path / "target-b.pt"))
+    target_id = page.url.rsplit("/", 1)[-1]
+    upload_via_form(page, server, f.save_torch(a.state_dict(), tmp_path / "source-a.pt"))
+    source_url = page.url
+
+    page.click("details.ops > summary")
+    page.check("input[name=module][value=nn_same]")
+    page.select_option("select[name=target]", target_id)
+    page.click("button[value=preview]")
+    expect(page.locator("#ops-result")).to_contain_text("9 copied · 0 missing · 0 unexpected")
+    page.click("button[value=copy]")
+    page.wait_for_url(lambda url: url != source_url and "/checkpoints/" in url)
+    expect(page.locator("h1")).to_have_text("target-b.copy.pt")
+    copied_id = page.url.rsplit("/", 1)[-1]
+    got = torch.load(io.BytesIO(_api(server, f"/api/v1/checkpoints/{copied_id}/download")), weights_only=True)
+    expected = copy.deepcopy(b)
+    expected.nn_same.load_state_dict(a.nn_same.state_dict())
+    for k, v in expected.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+    page.goto(source_url)
+    page.click("details.ops > summary")
+    page.check("input[name=module][value=nn_same]")
+    page.click("text=Freeze plan")
+    expect(page.locator("#ops-result")).to_contain_text("6 parameter tensors frozen")
+    assert "requires_grad_(False)" in page.locator("#ops-result pre.snippet").first.inner_text()
+
+    page.uncheck("input[name=module][value=nn_same]")
+    page.check("input[name=module][value=head]")
+    page.select_option("select[name=format]", "safetensors")
+    page.click("text=Export selection")
+    page.wait_for_url(lambda url: url != source_url and "/checkpoints/" in url)
+    expect(page.locator("h1")).to_have_text("source-a.export.safetensors")
+    assert "2 tensors" in page.locator(".ckpt-header").inner_text()
+
+    page.goto(f"{server}/compare?a={target_id}&b={copied_id}")
+    expect(page.locator("#diff-counts")).to_contain_text("changed")
+    assert "changed" in page.locator("details[data-path='nn_same'] > summary").inner_text()
+    assert "identical" in page.locator("details[data-path='head'] > summary").inner_text()
+    diff = json.loads(_api(server, f"/api/v1/diff?a={target_id}&b={copied_id}"))
+    assert diff["counts"]["identical"] + diff["counts"]["changed"] == len(b.state_dict())
+
+
+def test_operation_errors_are_shown_in_the_page(server, page, tmp_path):
+    page.allow_http_errors = True
+    upload_via_form(page, server, f.save_torch(f.cnn_state_dict(), tmp_path / "lonely.pt"))
+    page.click("details.ops > summary")
+    page.click("text=Freeze plan")
+    expect(page.locator("#ops-result .message.error")).to_contain_text("tick at least one module")

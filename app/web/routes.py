@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -11,8 +12,9 @@ from sqlalchemy import select
 from app import __version__
 from app.api.routes import CoreDep
 from app.api.uploads import receive_uploads
+from app.services import catalogue_ops as ops
 from app.services import checkpoints as svc
-from app.services.errors import NotFound
+from app.services.errors import Invalid, NotFound
 from app.store.catalogue import Job
 
 from .templating import is_htmx, render
@@ -122,6 +124,7 @@ def checkpoint_page(
         "selected": tensor,
         "progress": _progress(core, content),
         "files": svc.files_of(core, content.key),
+        "others": [other for other, _ in svc.list_checkpoints(core) if other.id != row.id],
     }
     target = request.headers.get("HX-Target") if is_htmx(request) else None
     block = {"detail": "detail", "tensor-table": "tensor_table"}.get(target or "")
@@ -149,6 +152,102 @@ def progress(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     headers = {"HX-Trigger": "stats-ready"} if state is None else None
     return render(
         request, "checkpoint.html", {"ckpt": row, "progress": state, "just_finished": True}, "progress", headers=headers
+    )
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """'encoder.=backbone., module.=' -> {'encoder.': 'backbone.', 'module.': ''}"""
+    out = {}
+    for item in text.replace(",", " ").split():
+        if "=" not in item:
+            raise Invalid(f"rename {item!r} must look like old=new (new may be empty)")
+        old, new = item.split("=", 1)
+        out[old] = new
+    return out
+
+
+async def _selection(request: Request) -> tuple[Any, list[str], str | None]:
+    form = await request.form()
+    modules = [str(m) for m in form.getlist("module")]
+    if not modules:
+        raise Invalid("tick at least one module or tensor in the tree first")
+    root = form.get("root")
+    return form, modules, str(root) if root is not None else None
+
+
+def _go_to(request: Request, checkpoint_id: str) -> Response:
+    url = f"/checkpoints/{checkpoint_id}"
+    if is_htmx(request):
+        return Response(status_code=200, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+@router.post("/checkpoints/{checkpoint_id}/freeze", response_class=HTMLResponse)
+async def freeze(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    _, modules, root = await _selection(request)
+    plan = ops.freeze(core, checkpoint_id, modules, root)
+    context = {"plan": plan, "plan_json": json.dumps(plan.to_json(with_snippet=False), indent=2)}
+    return render(request, "checkpoint.html", context, "ops_result")
+
+
+@router.post("/checkpoints/{checkpoint_id}/export")
+async def export(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    form, modules, root = await _selection(request)
+    fmt = str(form.get("format") or "safetensors")
+    freeze = modules if form.get("embed_freeze") else []
+    row, _ = ops.export(
+        core,
+        checkpoint_id,
+        root=root,
+        include=modules,
+        rename=_pairs(str(form.get("rename") or "")),
+        fmt=fmt,
+        freeze=freeze,
+    )
+    return _go_to(request, row.id)
+
+
+@router.post("/checkpoints/{checkpoint_id}/copy", response_class=HTMLResponse)
+async def copy(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    from app.services.selection import normalize_mapping, rename
+
+    form, modules, root = await _selection(request)
+    target = str(form.get("target") or "")
+    if not target:
+        raise Invalid("choose a target checkpoint to copy into")
+    renames = normalize_mapping(_pairs(str(form.get("copy_rename") or "")))
+    mapping = {m: rename(m, renames) or m for m in modules} if renames else {m: m for m in modules}
+    strict = bool(form.get("strict"))
+    dry_run = form.get("action") != "copy"
+    report, row = ops.copy(core, checkpoint_id, target, mapping, strict=strict, dry_run=dry_run, source_root=root)
+    if row is not None:
+        return _go_to(request, row.id)
+    refused = None
+    if not dry_run:
+        refused = (
+            "strict copy refused: untick 'strict' to copy what fits"
+            if strict and not report.ok
+            else "nothing to copy: no selected tensor fits the target"
+        )
+    context = {"report": report.to_json(), "written": False, "refused": refused}
+    return render(request, "checkpoint.html", context, "ops_result")
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare(
+    request: Request,
+    core: CoreDep,
+    a: str | None = None,
+    b: str | None = None,
+    show: Annotated[str, Query(pattern="^(changed|all)$")] = "changed",
+) -> Response:
+    items = svc.list_checkpoints(core)
+    result = ops.diff(core, a, b) if a and b else None
+    rows = None
+    if result is not None:
+        rows = [r for r in result["tensors"] if show == "all" or r["status"] != "identical"]
+    return render(
+        request, "compare.html", {"items": items, "a": a, "b": b, "result": result, "rows": rows, "show": show}
     )
 
 

@@ -6,6 +6,7 @@ A page is one template; an htmx request renders just one ``{% block %}`` of it.
 from __future__ import annotations
 
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -13,6 +14,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 
 from app.stats import HIST_BINS
 
@@ -67,12 +69,18 @@ def histogram_bars(hist: list[int], width: int = 640, height: int = 160) -> list
     return bars
 
 
+def _deceptive(ch: str) -> bool:
+    category = unicodedata.category(ch)
+    return category in ("Cf", "Cs", "Co", "Cn") or (category == "Cc" and ch not in "\n\t")
+
+
 def reveal_controls(value: Any) -> Any:
     """Show invisible and bidirectional control characters (e.g. U+202E, which reverses the text
-    after it) as visible escapes, so attacker-chosen names cannot disguise themselves."""
-    if not isinstance(value, str) or value.isprintable():
+    after it, or zero-width spaces) as visible escapes, so attacker-chosen names cannot disguise
+    themselves. Template-made markup passes untouched."""
+    if not isinstance(value, str) or isinstance(value, Markup) or value.isprintable():
         return value
-    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in value)
+    return "".join(f"\\u{ord(ch):04x}" if _deceptive(ch) else ch for ch in value)
 
 
 def query(base: dict[str, Any], **changes: Any) -> str:

@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 50 * 1024**3
     api_token: str | None = None
     stats_workers: int = 2
+    parse_memory_bytes: int = 2 * 1024**3
+    parse_cpu_seconds: int = 60
+    parse_timeout_s: float = 120.0
     host: str = "127.0.0.1"
     port: int = 8000
 

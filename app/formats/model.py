@@ -172,3 +172,46 @@ class Checkpoint:
                 alias = t.alias_of[cut:] if t.alias_of and t.alias_of.startswith(prefix) else None
                 out.append(t.renamed(t.name[cut:], alias))
         return out
+
+
+def checkpoint_to_json(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "format": ckpt.format,
+        "default_root": ckpt.default_root,
+        "roots": [[r.path, r.tensor_count] for r in ckpt.roots],
+        "metadata": ckpt.metadata,
+        "warnings": ckpt.warnings,
+        "files": ckpt.files,
+        "tensors": [
+            [
+                t.name,
+                t.dtype,
+                list(t.shape),
+                list(t.stride),
+                t.storage_offset,
+                t.storage.path,
+                t.storage.offset,
+                t.storage.nbytes,
+                t.storage.key,
+                t.kind,
+                t.alias_of,
+            ]
+            for t in ckpt.tensors
+        ],
+    }
+
+
+def checkpoint_from_json(data: dict[str, Any]) -> Checkpoint:
+    tensors = [
+        TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, StorageRef(path, off, nbytes, key), kind, alias)
+        for name, dtype, shape, stride, soff, path, off, nbytes, key, kind, alias in data["tensors"]
+    ]
+    return Checkpoint(
+        format=data["format"],
+        tensors=tensors,
+        roots=[RootInfo(p, n) for p, n in data["roots"]],
+        default_root=data["default_root"],
+        metadata=data["metadata"],
+        warnings=data["warnings"],
+        files=data["files"],
+    )

@@ -33,20 +33,25 @@ PREFERRED_ROOTS = (
 MAX_ROOT_DEPTH = 2
 MAX_METADATA_ITEMS = 2000
 MAX_NESTING = 200
+MAX_LEAVES = 2_000_000  # shared references can make a tiny pickle an exponentially large tree
+MAX_NUMEL = 2**36  # elements in one tensor: far above any real tensor, far below an abuse
 
 StorageLocator = Callable[[PickledStorage], StorageRef]
 
 
-def _walk(obj: Any, path: tuple[str, ...], depth: int = 0) -> Iterator[tuple[tuple[str, ...], Any]]:
+def _walk(obj: Any, path: tuple[str, ...], budget: list[int], depth: int = 0) -> Iterator[tuple[tuple[str, ...], Any]]:
     """Yield (key path, leaf) for every leaf; dicts, lists and tuples are descended into."""
     if depth > MAX_NESTING:
         raise CheckpointError("corrupt_pickle", "checkpoint object nests too deeply")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise CheckpointError("limit_exceeded", f"checkpoint object has more than {MAX_LEAVES} entries")
     if isinstance(obj, dict):
         for key, value in obj.items():
-            yield from _walk(value, (*path, str(key)), depth + 1)
+            yield from _walk(value, (*path, str(key)), budget, depth + 1)
     elif isinstance(obj, list | tuple) and any(isinstance(v, dict | list | tuple | PickledTensor) for v in obj):
         for index, value in enumerate(obj):
-            yield from _walk(value, (*path, str(index)), depth + 1)
+            yield from _walk(value, (*path, str(index)), budget, depth + 1)
     else:
         yield path, obj
 
@@ -105,11 +110,15 @@ def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str
     bearing: dict[str, int] = {}
     if isinstance(obj, PickledTensor):
         obj = {"tensor": obj}
-    for path, leaf in _walk(obj, ()):
+    for path, leaf in _walk(obj, (), [MAX_LEAVES]):
         name = ".".join(path)
         if isinstance(leaf, PickledTensor):
             if leaf.dtype not in DTYPES:
                 raise CheckpointError("unsupported_dtype", f"tensor {name!r} has unsupported dtype {leaf.dtype}")
+            if math.prod(leaf.shape) > MAX_NUMEL:
+                raise CheckpointError(
+                    "limit_exceeded", f"tensor {name!r} declares {math.prod(leaf.shape)} elements (limit 2**36)"
+                )
             ref = locate(leaf.storage)
             storage_offset = (
                 leaf.storage_offset

@@ -113,10 +113,12 @@ def read_safetensors(path: str | Path) -> Checkpoint:
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise _bad(f"tensors {n0!r} and {n1!r} overlap in the data area")
+        if b1 > e0:  # the safetensors library refuses gaps too
+            raise _bad(f"the data area has {b1 - e0} bytes between tensors {n0!r} and {n1!r}")
     warnings = []
-    covered = sum(e - b for b, e, _ in spans)
-    if covered != data_size:
-        warnings.append(f"{data_size - covered} bytes of the data area belong to no tensor")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0] != 0) or end != data_size:
+        raise _bad("tensor data does not cover the data area exactly (leading or trailing bytes)")
     return Checkpoint(
         format="safetensors",
         tensors=tensors,

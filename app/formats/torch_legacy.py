@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from .errors import CheckpointError
 from .model import DTYPES, Checkpoint, StorageRef
 from .pickled_tree import build_checkpoint
 from .torch_pickle import PickledStorage, unpickle_restricted
+from .torch_zip import MAX_PICKLE_BYTES
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -17,7 +19,10 @@ PROTOCOL_VERSION = 1001
 def read_torch_legacy(path: str | Path) -> Checkpoint:
     path = Path(path)
     file_size = path.stat().st_size
-    with path.open("rb") as fh:
+    with path.open("rb") as raw:
+        # the pickles sit at the front, the storages after them: read a bounded head into memory
+        # so no length claimed inside a pickle can make a read larger than that
+        fh = io.BytesIO(raw.read(min(file_size, MAX_PICKLE_BYTES)))
         magic, _ = unpickle_restricted(fh)
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
@@ -36,12 +41,14 @@ def read_torch_legacy(path: str | Path) -> Checkpoint:
             raise CheckpointError("corrupt_pickle", "legacy checkpoint has a malformed storage key list")
         located: dict[str, StorageRef] = {}
         position = fh.tell()
+        if position >= MAX_PICKLE_BYTES:
+            raise CheckpointError("limit_exceeded", "legacy checkpoint pickles exceed the 256 MiB limit")
         for key in keys:
             storage = storages.get(key)
             if storage is None or key in located:
                 raise CheckpointError("corrupt_pickle", f"legacy storage list names unknown or repeated key {key!r}")
-            fh.seek(position)
-            header = fh.read(8)
+            raw.seek(position)
+            header = raw.read(8)
             if len(header) != 8:
                 raise CheckpointError("truncated", "legacy checkpoint ends before its storages")
             (numel,) = struct.unpack("<q", header)

@@ -251,12 +251,17 @@ def _refusal(module: str, name: str) -> CheckpointError:
     return CheckpointError("unsafe_pickle", f"refused to load: {why}")
 
 
-class StorageRecordingUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` into dicts/lists/scalars and ``PickledTensor`` records."""
+class StorageRecordingUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+    """Unpickles ``data.pkl`` into dicts/lists/scalars and ``PickledTensor`` records.
+
+    Built on the pure-Python unpickler on purpose: the C one grows its memo *array* to the
+    largest LONG_BINPUT index, so a 12-byte pickle makes it allocate and zero gigabytes; here the
+    memo is a dict. Speed is about the same, because the stand-in callbacks dominate."""
 
     def __init__(self, stream: BinaryIO) -> None:
         super().__init__(stream)
         self.storages: dict[str, PickledStorage] = {}
+        self.memo = _BoundedMemo()
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -295,6 +300,16 @@ class StorageRecordingUnpickler(pickle.Unpickler):
         if view_offset + view_size > numel:
             raise _bad("legacy storage view lies outside its storage")
         return PickledStorage(str(view_key), storage_type.dtype, location, view_size, view_offset, key)
+
+
+MAX_MEMO = 50_000_000
+
+
+class _BoundedMemo(dict):  # type: ignore[type-arg]
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if len(self) >= MAX_MEMO:
+            raise CheckpointError("limit_exceeded", "pickle memo holds too many objects")
+        super().__setitem__(key, value)
 
 
 def unpickle_restricted(data: bytes | BinaryIO) -> tuple[Any, dict[str, PickledStorage]]:

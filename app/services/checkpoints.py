@@ -14,7 +14,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.formats import Checkpoint as Listing
-from app.formats import StorageRef, TensorInfo, open_checkpoint
+from app.formats import StorageRef, TensorInfo
+from app.formats.sandbox import Limits, open_checkpoint_sandboxed
 from app.stats import TensorStats, TreeNode, build_tree
 from app.store.blobs import Blob
 from app.store.catalogue import Checkpoint, Content, FileRef, TensorRow, dumps
@@ -108,7 +109,12 @@ def ingest(
         by_name = {display_name(u.name): u.blob.path for u in uploads}
         if len(by_name) != len(uploads):
             raise Invalid("two uploaded files have the same name")
-        listing = open_checkpoint(primary.blob.path, resolve_shard=by_name.get, name=display_name(primary.name))
+        settings = core.settings
+        limits = Limits(settings.parse_memory_bytes, settings.parse_cpu_seconds, settings.parse_timeout_s)
+        shards = by_name if len(uploads) > 1 else None
+        listing = open_checkpoint_sandboxed(
+            primary.blob.path, shards=shards, name=display_name(primary.name), limits=limits
+        )
         used = {str(p) for p in listing.files}
         unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
         if unused:

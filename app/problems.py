@@ -47,7 +47,7 @@ def problem(request: Request, status: int, detail: str, code: str | None = None,
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> Response:
-        return problem(request, exc.status, exc.detail)
+        return problem(request, exc.status, exc.detail, exc.code)
 
     @app.exception_handler(CheckpointError)
     async def _checkpoint(request: Request, exc: CheckpointError) -> Response:

@@ -309,3 +309,17 @@ def test_refuses_to_start_with_unsafe_torch_override(data_dir, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(RuntimeError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         create_app(Settings(data_dir=data_dir))
+
+
+def test_a_lone_index_cannot_reach_other_blobs(client, tmp_path):
+    """Shard names resolve among the files of one upload, never inside the blob store."""
+    import hashlib
+
+    st = f.save_safetensors({"secret": torch.ones(3)}, tmp_path / "secret.safetensors")
+    assert upload(client, st).status_code == 201
+    sha = hashlib.sha256(st.read_bytes()).hexdigest()
+    index = tmp_path / "model.safetensors.index.json"
+    # the other upload's blob sits in blobs/<sha[:2]>/<sha>; name it as a shard with a matching prefix
+    index.write_text(json.dumps({"weight_map": {"secret": f"{sha}.safetensors", "x": sha}}))
+    r = client.post("/api/v1/checkpoints", files={"file": (index.name, index.read_bytes())})
+    assert r.status_code == 422 and r.json()["code"] in ("missing_shard", "bad_index")

@@ -93,11 +93,13 @@ def _worker() -> int:
     from . import open_checkpoint
 
     request = json.loads(sys.stdin.read())
-    shards = {k: Path(v) for k, v in (request.get("shards") or {}).items()}
+    given = request.get("shards")
+    shards = None if given is None else {k: Path(v) for k, v in given.items()}
     violations: list[str] = []
     _arm_audit_hook(violations)
     try:
-        ckpt = open_checkpoint(request["path"], resolve_shard=shards.get if shards else None, name=request.get("name"))
+        resolve = None if shards is None else shards.get
+        ckpt = open_checkpoint(request["path"], resolve_shard=resolve, name=request.get("name"))
         answer: dict[str, Any] = {"ok": True, "checkpoint": checkpoint_to_json(ckpt)}
     except CheckpointError as exc:
         answer = {"ok": False, "code": exc.code, "message": exc.message}
@@ -130,7 +132,9 @@ def open_checkpoint_sandboxed(
     path: str | Path, *, shards: dict[str, Path] | None = None, name: str | None = None, limits: Limits | None = None
 ) -> Checkpoint:
     limits = limits or Limits()
-    request = json.dumps({"path": str(path), "name": name, "shards": {k: str(v) for k, v in (shards or {}).items()}})
+    # shards: the files a sharded index may name (None: look beside the index, for local files only)
+    shard_map = None if shards is None else {k: str(v) for k, v in shards.items()}
+    request = json.dumps({"path": str(path), "name": name, "shards": shard_map})
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(PROJECT_ROOT),

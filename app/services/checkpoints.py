@@ -59,6 +59,26 @@ def _pick_primary(uploads: Sequence[Upload]) -> Upload:
     return indexes[0]
 
 
+def _check_storable(listing: Listing) -> None:
+    """Text the catalogue must be able to hold on any database (PostgreSQL refuses NUL)."""
+    for t in listing.tensors:
+        if "\x00" in t.name:
+            raise Invalid(
+                f"tensor name {t.name[:80]!r} contains a NUL character, which the catalogue cannot store", "bad_name"
+            )
+    listing.metadata = _strip_nul(listing.metadata)
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
 def _blob_referenced(session: Session, sha: str) -> bool:
     return session.scalar(select(func.count()).select_from(FileRef).where(FileRef.sha256 == sha)) > 0
 
@@ -111,10 +131,12 @@ def ingest(
             raise Invalid("two uploaded files have the same name")
         settings = core.settings
         limits = Limits(settings.parse_memory_bytes, settings.parse_cpu_seconds, settings.parse_timeout_s)
-        shards = by_name if len(uploads) > 1 else None
+        # shard names resolve only among the files of this upload, never next to the blob (that
+        # directory holds other uploads' blobs)
         listing = open_checkpoint_sandboxed(
-            primary.blob.path, shards=shards, name=display_name(primary.name), limits=limits
+            primary.blob.path, shards=by_name, name=display_name(primary.name), limits=limits
         )
+        _check_storable(listing)
         used = {str(p) for p in listing.files}
         unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
         if unused:

@@ -7,9 +7,10 @@ class ServiceError(Exception):
     status = 400
     title = "Bad request"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, code: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.code = code
 
 
 class NotFound(ServiceError):

@@ -165,11 +165,12 @@ def test_single_worker_and_two_workers_agree(tmp_path):
 
 
 def test_progress_reports_bytes_up_to_total(tmp_path):
-    tensors = {f"t{i}": torch.randn(10000) for i in range(5)}
+    tensors = {f"t{i}": torch.randn(20000) for i in range(5)}  # above the batching size: one call each
+    tensors |= {f"small{i}": torch.randn(10) for i in range(100)}  # batched: one call for all
     calls = []
     stats_of(tmp_path, tensors, progress=lambda done, total: calls.append((done, total)))
-    assert len(calls) == 5
-    assert calls[-1] == (200000, 200000)
+    assert len(calls) == 6
+    assert calls[-1] == (404000, 404000)
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import CheckpointError
+from .gc_pause import paused_gc
 from .model import DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo
 from .safetensors_format import read_safetensors
 from .sharded import ShardResolver, read_sharded
@@ -63,9 +64,10 @@ def open_checkpoint(
     format a sharded index expects; the format itself is always sniffed from content."""
     path = Path(path)
     try:
-        if sniff(path) == "json":
-            return read_sharded(path, _open_single, resolve_shard, name)
-        return _open_single(path)
+        with paused_gc():
+            if sniff(path) == "json":
+                return read_sharded(path, _open_single, resolve_shard, name)
+            return _open_single(path)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, EOFError, ValueError, OverflowError) as exc:

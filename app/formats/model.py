@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +68,7 @@ def tensor_kind(name: str, dtype: str) -> str:
     return "parameter"
 
 
-@dataclass(frozen=True, slots=True)
-class StorageRef:
+class StorageRef(NamedTuple):
     """Where a storage's bytes live: a byte range of one file."""
 
     path: str
@@ -77,8 +77,9 @@ class StorageRef:
     key: str  # identifies the storage within the checkpoint (shared by aliases)
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """One tensor as listed (a NamedTuple: listings build tens of thousands of these)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -129,6 +130,7 @@ class TensorInfo:
         )
 
 
+@lru_cache(maxsize=4096)
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride = []
     acc = 1

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .gc_pause import paused_gc
 from .model import SAFETENSORS_DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo, contiguous_stride, tensor_kind
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -25,12 +27,26 @@ def _bad(message: str) -> CheckpointError:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _bad(f"safetensors header has duplicate key {key[:200]!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _bad(f"safetensors header has duplicate key {key[:200]!r}")
     return out
+
+
+_SPACED_KEY = re.compile(rb'"\s+:')
+
+
+def _raw_key_count(raw: bytes) -> int:
+    """Keys in the JSON text: every key is a string followed by ':' (maybe after whitespace). A
+    duplicate key can only make this larger than the parsed count, never hide; an escaped quote
+    before ':' inside a string also makes it larger, which just takes the slow exact path."""
+    return raw.count(b'":') + len(_SPACED_KEY.findall(raw))
+
+
+def _key_count(header: dict[str, Any]) -> int:
+    return len(header) + sum(len(v) for v in header.values() if isinstance(v, dict))
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
@@ -53,7 +69,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     except UnicodeDecodeError:
         raise _bad("safetensors header is not valid UTF-8") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        with paused_gc():
+            header = json.loads(text)
+            if isinstance(header, dict) and _raw_key_count(raw) != _key_count(header):
+                header = json.loads(text, object_pairs_hook=_no_duplicates)  # exact, names the duplicate
     except CheckpointError:
         raise
     except RecursionError:
@@ -66,10 +85,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
 
 
 def _shape(name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > MAX_DIMS:
+    if value.__class__ is not list or len(value) > MAX_DIMS:
         raise _bad(f"tensor {name!r} has a malformed shape")
-    if not all(type(v) is int and v >= 0 for v in value):
-        raise _bad(f"tensor {name!r} has a negative or non-integer dimension")
+    for v in value:
+        if v.__class__ is not int or v < 0:
+            raise _bad(f"tensor {name!r} has a negative or non-integer dimension")
     return tuple(value)
 
 

@@ -28,8 +28,9 @@ from app.formats.model import DTYPES, TensorInfo
 
 from .model import HIST_BINS, TensorStats
 
-CHUNK_ELEMENTS = 1 << 20
-RELEASE_BYTES = 16 << 20
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32: the chunk and its scratch buffers stay in cache
+RELEASE_BYTES = 16 << 20  # big tensors give their pages back every 16 MiB, in each pass
+WINDOW_BYTES = 64 << 20  # tensors up to this size are mapped once for both passes, released after
 _PAGE = mmap.PAGESIZE
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES if hasattr(torch, name)}
@@ -77,18 +78,14 @@ def plan_view(info: TensorInfo) -> _ViewPlan:
 
 
 class _Buffers:
-    """Per-thread scratch space, allocated once: upcast targets, differences, squares, bin ids."""
+    """Per-thread scratch space, allocated once: upcast targets, differences, bin ids."""
 
     def __init__(self) -> None:
         self.f32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
         self.f64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
-        self._diff = {d: torch.empty(CHUNK_ELEMENTS, dtype=d) for d in (torch.float32, torch.float64)}
-        self._square = {d: torch.empty(CHUNK_ELEMENTS, dtype=d) for d in (torch.float32, torch.float64)}
+        self.diff64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
+        self.scaled32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
         self.i32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.int32)
-
-    def scratch(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = c.numel()
-        return self._diff[c.dtype][:n], self._square[c.dtype][:n]
 
 
 class _TensorWalker:
@@ -125,6 +122,7 @@ class _TensorWalker:
         itemsize = self.info.itemsize
         base = self.info.storage.offset + self.plan.start * itemsize
         released = base - base % _PAGE
+        release_each = self.plan.count * itemsize > WINDOW_BYTES
         done = 0
         while done < self.plan.count:
             n = min(CHUNK_ELEMENTS, self.plan.count - done)
@@ -133,14 +131,24 @@ class _TensorWalker:
             del raw
             done += n
             end = base + done * itemsize
-            if end - released >= RELEASE_BYTES:
+            if release_each and end - released >= RELEASE_BYTES:
                 upto = end - end % _PAGE
                 self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
                 released = upto
-        end = base + done * itemsize
-        upto = end - end % _PAGE
-        if upto > released:
-            self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+        if release_each:
+            self.release()
+
+    def release(self) -> None:
+        """Give the tensor's pages back (its whole range, whole pages only)."""
+        if not self.plan.dense:
+            return
+        itemsize = self.info.itemsize
+        start = self.info.storage.offset + self.plan.start * itemsize
+        end = start + self.plan.count * itemsize
+        start -= start % _PAGE
+        end -= end % _PAGE
+        if end > start:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _strided_chunks(self) -> Iterator[torch.Tensor]:
         storage = self.info.storage
@@ -156,6 +164,9 @@ class _TensorWalker:
 
 
 class _Accumulator:
+    """Pass 1 takes a float32 sum for a provisional mean m; pass 2 sums (x - m) in float64, which
+    corrects the mean exactly, and the squares of (x - m) with an f64 dot for the variance."""
+
     def __init__(self) -> None:
         self.n = 0  # finite values seen
         self.total = 0.0
@@ -164,7 +175,8 @@ class _Accumulator:
         self.nonzero = 0
         self.nan = 0
         self.inf = 0
-        self.css = 0.0  # centred sum of squares
+        self.css = 0.0  # sum of (x - m)^2 around the provisional mean m
+        self.shift = 0.0  # sum of (x - m)
         self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
 
     def _finite_part(self, c: torch.Tensor, count: bool) -> torch.Tensor:
@@ -178,13 +190,14 @@ class _Accumulator:
     def pass1(self, c: torch.Tensor) -> bool:
         """Sum, min/max, non-zeros. Returns True when the chunk held NaN/Inf (pass 2 filters it)."""
         self.nonzero += int(torch.count_nonzero(c))
-        s = float(c.sum(dtype=torch.float64))
+        s = float(c.sum())
         dirty = not math.isfinite(s)
-        if dirty:
-            c = self._finite_part(c, count=True)
-            if c.numel() == 0:
+        if dirty or abs(s) > 1e30:  # NaN/Inf, or a float32 sum that may have overflowed
+            finite = self._finite_part(c, count=True) if dirty else c
+            if finite.numel() == 0:
                 return True
-            s = float(c.sum(dtype=torch.float64))
+            s = float(finite.sum(dtype=torch.float64))
+            c = finite
         lo, hi = torch.aminmax(c)
         self.n += c.numel()
         self.total += s
@@ -193,46 +206,49 @@ class _Accumulator:
         return dirty
 
     def pass2(self, c: torch.Tensor, dirty: bool, mean: float, bufs: _Buffers) -> None:
-        """Centred sum of squares (each square rounded once, summed in float64) and histogram."""
         if dirty:
             c = self._finite_part(c, count=False)
         n = c.numel()
         if n == 0:
             return
-        diff, square = bufs.scratch(c)
-        torch.sub(c, mean, out=diff)
-        torch.mul(diff, diff, out=square)
-        css = float(square.sum(dtype=torch.float64))
-        if not math.isfinite(css):  # float32 squares overflowed
-            d64 = c.to(torch.float64) - mean
-            css = float(torch.dot(d64, d64))
-        self.css += css
+        diff = bufs.diff64[:n]
+        diff.copy_(c)  # exact; subtracting in float32 would round the mean and every difference
+        diff.sub_(mean)
+        self.shift += float(diff.sum())
+        self.css += float(torch.dot(diff, diff))
         if self.hi > self.lo:
+            # c >= lo, so (c - lo) * scale >= 0 exactly: no clamp needed. The maximum lands on 64
+            # (or, rounded, a hair above): everything from bin 64 up folds into the last bin.
             scale = HIST_BINS / (self.hi - self.lo)
-            # (c - lo) * scale, computed from diff = c - mean
-            diff.mul_(scale).add_((mean - self.lo) * scale).clamp_(0, HIST_BINS - 1)
+            scaled = diff if c.dtype == torch.float64 else bufs.scaled32[:n]
+            torch.sub(c, self.lo, out=scaled).mul_(scale)
             idx = bufs.i32[:n]
-            idx.copy_(diff)
-            self.hist += torch.bincount(idx, minlength=HIST_BINS)
+            idx.copy_(scaled)
+            counts = torch.bincount(idx, minlength=HIST_BINS + 1)
+            self.hist[:HIST_BINS] += counts[:HIST_BINS]
+            self.hist[HIST_BINS - 1] += counts[HIST_BINS:].sum()
         else:
             self.hist[0] += n
 
-    def result(self, numel: int, distinct: int, factor: int) -> TensorStats:
+    def result(self, numel: int, distinct: int, factor: int, provisional_mean: float) -> TensorStats:
         n = self.n * factor
+        bins = self.hist.tolist()
         stats = TensorStats(
             numel=numel,
             zeros=(distinct - self.nonzero) * factor,
             nan=self.nan * factor,
             inf=self.inf * factor,
-            hist=[int(v) * factor for v in self.hist.tolist()],
+            hist=[int(v) * factor for v in bins],
         )
         if self.n == 0:
             return stats
-        mean = self.total / self.n
+        delta = self.shift / self.n
+        mean = provisional_mean + delta
+        css = max(self.css - self.n * delta * delta, 0.0)
         stats.mean = mean
-        stats.std = math.sqrt(self.css * factor / (n - 1)) if n > 1 else None
+        stats.std = math.sqrt(css * factor / (n - 1)) if n > 1 else None
         stats.min, stats.max = self.lo, self.hi
-        stats.l2 = math.sqrt((self.css + self.n * mean * mean) * factor)
+        stats.l2 = math.sqrt((css + self.n * mean * mean) * factor)
         stats.absmax = max(abs(self.lo), abs(self.hi))
         stats.hist_min, stats.hist_max = self.lo, self.hi
         return stats
@@ -250,11 +266,114 @@ def tensor_stats(mm: mmap.mmap | None, info: TensorInfo, bufs: _Buffers | None =
     walker = _TensorWalker(mm, info, plan, bufs)
     acc = _Accumulator()
     dirty = [acc.pass1(c) for c in walker.chunks()]
+    mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
-        mean = acc.total / acc.n
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
             acc.pass2(c, chunk_dirty, mean, bufs)
-    return acc.result(info.numel, plan.count, plan.factor)
+    walker.release()
+    return acc.result(info.numel, plan.count, plan.factor, mean)
+
+
+SMALL_ELEMENTS = 16384  # tensors up to this size are summarised in batches
+BATCH_ELEMENTS = 1 << 18
+
+
+def _batchable(info: TensorInfo) -> bool:
+    if not 0 < info.numel <= SMALL_ELEMENTS or info.dtype not in _TORCH_DTYPES:
+        return False
+    if DTYPES[info.dtype].category == "complex":
+        return False
+    plan = plan_view(info)
+    return plan.dense and plan.factor == 1
+
+
+def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo]) -> list[TensorStats]:
+    """Statistics of many small dense tensors of one file at once: per-tensor Python work would
+    dominate (~0.3 ms each), so values are gathered into one float64 vector with segment ids and
+    every statistic is a segmented reduction. Same definitions, float64 throughout."""
+    k = len(infos)
+    pieces: list[torch.Tensor] = []
+    run_start = run_end = -1
+    run_dtype = ""
+    for t in infos:  # adjacent ranges of one dtype become one zero-copy view
+        start = t.data_offset
+        if t.dtype == run_dtype and start == run_end:
+            run_end = start + t.nbytes
+            continue
+        if run_dtype:
+            pieces.append(_range(mm, run_dtype, run_start, run_end))
+        run_dtype, run_start, run_end = t.dtype, start, start + t.nbytes
+    pieces.append(_range(mm, run_dtype, run_start, run_end))
+    x = torch.cat([p.to(torch.float64) for p in pieces])
+    counts = torch.tensor([t.numel for t in infos], dtype=torch.int64)
+    seg = torch.repeat_interleave(torch.arange(k), counts)
+
+    def per_tensor(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(k, dtype=torch.float64).index_add_(0, seg, values)
+
+    finite = torch.isfinite(x)
+    clean = bool(finite.all())
+    nonzero = per_tensor((x != 0).to(torch.float64))
+    if clean:
+        nan = inf = torch.zeros(k, dtype=torch.float64)
+        xf = x
+    else:
+        nan = per_tensor(torch.isnan(x).to(torch.float64))
+        inf = per_tensor(torch.isinf(x).to(torch.float64))
+        xf = torch.where(finite, x, 0.0)
+    nf = counts.to(torch.float64) - nan - inf
+    safe_n = nf.clamp(min=1)
+    mean = per_tensor(xf) / safe_n
+    d = xf - mean[seg]
+    if not clean:
+        d = torch.where(finite, d, 0.0)
+    delta = per_tensor(d) / safe_n
+    css = (per_tensor(d * d) - nf * delta * delta).clamp(min=0)
+    mean = mean + delta
+    lo = torch.full((k,), math.inf, dtype=torch.float64).scatter_reduce_(
+        0, seg, x if clean else torch.where(finite, x, math.inf), "amin"
+    )
+    hi = torch.full((k,), -math.inf, dtype=torch.float64).scatter_reduce_(
+        0, seg, x if clean else torch.where(finite, x, -math.inf), "amax"
+    )
+    width = hi - lo
+    scale = torch.where(width > 0, HIST_BINS / torch.where(width > 0, width, 1.0), 0.0)
+    bins = (x - lo[seg]) * scale[seg]
+    if not clean:
+        bins = torch.where(finite, bins, 0.0)
+    idx = bins.to(torch.int64).clamp_(0, HIST_BINS - 1) + seg * HIST_BINS
+    if not clean:
+        idx = torch.where(finite, idx, k * HIST_BINS)
+    hist = torch.bincount(idx, minlength=k * HIST_BINS + 1)[: k * HIST_BINS].view(k, HIST_BINS).tolist()
+    out = []
+    for i, (t, n, cs, m, a, b, z, na, inn) in enumerate(
+        zip(
+            infos,
+            nf.tolist(),
+            css.tolist(),
+            mean.tolist(),
+            lo.tolist(),
+            hi.tolist(),
+            nonzero.tolist(),
+            nan.tolist(),
+            inf.tolist(),
+            strict=True,
+        )
+    ):
+        stats = TensorStats(numel=t.numel, zeros=t.numel - int(z), nan=int(na), inf=int(inn), hist=hist[i])
+        if n > 0:
+            stats.mean, stats.min, stats.max = m, a, b
+            stats.std = math.sqrt(cs / (n - 1)) if n > 1 else None
+            stats.l2 = math.sqrt(cs + n * m * m)
+            stats.absmax = max(abs(a), abs(b))
+            stats.hist_min, stats.hist_max = a, b
+        out.append(stats)
+    return out
+
+
+def _range(mm: mmap.mmap, dtype: str, start: int, end: int) -> torch.Tensor:
+    itemsize = DTYPES[dtype].itemsize
+    return torch.frombuffer(mm, dtype=_TORCH_DTYPES[dtype], count=(end - start) // itemsize, offset=start)
 
 
 class _MappedFiles:
@@ -292,8 +411,18 @@ def compute_stats(
     unique: dict[tuple[object, ...], TensorInfo] = {}
     for t in tensors:
         unique.setdefault(t.view_key, t)
-    todo = sorted(unique.values(), key=lambda t: t.nbytes, reverse=True)
-    total = sum(t.nbytes for t in todo)
+    small = sorted((t for t in unique.values() if _batchable(t)), key=lambda t: (t.storage.path, t.data_offset))
+    small_keys = {t.view_key for t in small}
+    todo = sorted((t for t in unique.values() if t.view_key not in small_keys), key=lambda t: t.nbytes, reverse=True)
+    batches: list[list[TensorInfo]] = []
+    filled = 0
+    for t in small:
+        if not batches or batches[-1][-1].storage.path != t.storage.path or filled + t.numel > BATCH_ELEMENTS:
+            batches.append([])
+            filled = 0
+        batches[-1].append(t)
+        filled += t.numel
+    total = sum(t.nbytes for t in unique.values())
     done = 0
     lock = threading.Lock()
     local = threading.local()
@@ -313,6 +442,20 @@ def compute_stats(
             if progress is not None:
                 progress(done, total)
 
+    def work_batch(batch: list[TensorInfo]) -> None:
+        nonlocal done
+        if cancelled is not None and cancelled():
+            raise StatsCancelled()
+        mm = maps.get(batch[0].storage.path)
+        assert mm is not None
+        stats = batch_stats(mm, batch)
+        with lock:
+            for info, st in zip(batch, stats, strict=True):
+                results[info.view_key] = st
+            done += sum(t.nbytes for t in batch)
+            if progress is not None:
+                progress(done, total)
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -321,9 +464,13 @@ def compute_stats(
             if workers <= 1:
                 for info in todo:
                     work(info)
+                for batch in batches:
+                    work_batch(batch)
             else:
                 with ThreadPoolExecutor(max_workers=workers) as pool:
-                    for future in [pool.submit(work, info) for info in todo]:
+                    futures = [pool.submit(work, info) for info in todo]
+                    futures += [pool.submit(work_batch, batch) for batch in batches]
+                    for future in futures:
                         future.result()
     finally:
         torch.set_num_threads(previous_threads)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests import factories as f
@@ -25,7 +26,7 @@ def test_inspect_json_has_tensors_stats_and_tree(tmp_path):
     tensors = {t["name"]: t for t in data["tensors"]}
     w = tensors["head.weight"]
     assert w["shape"] == [10, 16] and w["dtype"] == "float32" and w["numel"] == 160 and w["nbytes"] == 640
-    assert w["stats"]["mean"] == sd["head.weight"].double().mean().item()
+    assert w["stats"]["mean"] == pytest.approx(sd["head.weight"].double().mean().item(), rel=1e-12)
     for key in ("mean", "std", "min", "max", "l2", "zeros", "nan", "inf", "hist"):
         assert key in w["stats"]
     assert [c["name"] for c in data["tree"]["children"]] == ["features", "head"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -97,8 +98,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             bar.stop()
     data = result.to_json()
     if args.json:
-        json.dump(data, sys.stdout, allow_nan=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")  # dumps: the C encoder
     else:
         _print_inspection(data)
     return 0
@@ -261,12 +261,28 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app import logs
     from app.config import get_settings
 
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    logs.configure()
+    log = logging.getLogger("ckptscope")
+    if settings.api_token:
+        log.info(f"authentication on: every page and API call needs the token; serving on {host}:{port}")
+    else:
+        where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "ALL INTERFACES"
+        log.warning(f"no CKPTSCOPE_API_TOKEN set: no authentication, serving on {host}:{port} ({where})")
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

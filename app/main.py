@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from app import __version__, problems
+from app import __version__, logs, problems
 from app.api.routes import ops_router
 from app.api.routes import router as api_router
-from app.api.schemas import Health
+from app.auth import is_authorized, is_open
 from app.config import Settings, get_settings
 from app.services.core import Core
 from app.web.routes import router as web_router
+from app.web.service_routes import router as service_router
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CSP = (
@@ -32,6 +37,8 @@ SECURITY_HEADERS = {
 }
 
 log = logging.getLogger("ckptscope")
+access_log = logging.getLogger("ckptscope.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def check_environment() -> None:
@@ -45,6 +52,7 @@ def check_environment() -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     check_environment()
+    logs.configure()
     settings = settings or get_settings()
     core = Core(settings)
 
@@ -72,20 +80,61 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.core = core
     problems.install(app)
+    app.include_router(service_router)
     app.include_router(api_router)
     app.include_router(ops_router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        token = settings.api_token
+        if token and not is_open(request.url.path) and not is_authorized(request, token):
+            if problems.wants_html(request) and request.method == "GET":
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                from urllib.parse import quote
+
+                return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+            response = problems.problem(
+                request, 401, "authentication required: send Authorization: Bearer <token>", "unauthorized"
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ckptscope"'
+            return response
+        return await call_next(request)
 
     @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
+    async def request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            core.metrics.inc("ckptscope_http_errors_total")
+            raise
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-ID"] = request_id
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
+        core.metrics.inc(
+            "ckptscope_http_requests_total", method=request.method, status=f"{response.status_code // 100}xx"
+        )
+        if response.status_code >= 500:
+            core.metrics.inc("ckptscope_http_errors_total")
+        access_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(elapsed * 1e3, 2),
+                    "client": request.client.host if request.client else None,
+                }
+            },
+        )
         return response
 
     return app

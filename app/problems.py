@@ -49,12 +49,17 @@ def install(app: FastAPI) -> None:
     async def _service(request: Request, exc: ServiceError) -> Response:
         return problem(request, exc.status, exc.detail, exc.code)
 
+    def rejected(request: Request, reason: str) -> None:
+        request.app.state.core.metrics.inc("ckptscope_uploads_rejected_total", reason=reason)
+
     @app.exception_handler(CheckpointError)
     async def _checkpoint(request: Request, exc: CheckpointError) -> Response:
+        rejected(request, exc.code)
         return problem(request, 422, f"the file is not a readable checkpoint: {exc}", exc.code)
 
     @app.exception_handler(TooLarge)
     async def _too_large(request: Request, exc: TooLarge) -> Response:
+        rejected(request, "too_large")
         return problem(
             request, 413, f"upload exceeds the limit of {exc.limit} bytes (CKPTSCOPE_MAX_UPLOAD_BYTES)", "too_large"
         )

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up ckptscope in a virtual environment. Used by the README, .ci/run and the Dockerfile,
 # so all three install the same way.
-#   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   also the test tools and Debian's chromium for browser tests
+#   scripts/setup.sh [--runtime]   runtime only (the Dockerfile runs exactly this)
+#   scripts/setup.sh --test        also the test tools and Debian's chromium for browser tests
 # Environment:
 #   CKPTSCOPE_VENV  where the venv goes (default .venv; "system" installs into the current python)
 #   TORCH_SPEC      the torch requirement installed first (default torch==2.13.0, a CPU build where
@@ -10,7 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
-[ "${1:-}" = "--test" ] && with_tests=1
+case "${1:---runtime}" in
+    --test) with_tests=1 ;;
+    --runtime) ;;
+    *) echo "usage: scripts/setup.sh [--runtime|--test]" >&2; exit 2 ;;
+esac
 venv="${CKPTSCOPE_VENV:-.venv}"
 if [ "$venv" = "system" ]; then
     py=python3

@@ -112,17 +112,23 @@ class JobRunner:
                 progress=progress,
                 cancelled=lambda: self._stopping or key in self._cancelled,
             )
-            save_stats(self.core, key, {pos: stats[info.name] for pos, info in infos})
+            updated = save_stats(self.core, key, {pos: stats[info.name] for pos, info in infos})
+            if infos and not updated:  # the checkpoint was deleted while its stats ran
+                raise StatsCancelled()
             self._set_content(key, stats_state="done")
             self._set_job(job_id, state="done", done=total, finished_at=utcnow())
+            self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state="done")
+            self.core.metrics.observe("ckptscope_job_duration_seconds", time.monotonic() - started)
             log.info(
                 "stats for %s: %d tensors, %d bytes in %.2fs", key[:12], len(infos), total, time.monotonic() - started
             )
         except StatsCancelled:
             state = "queued" if self._stopping else "cancelled"
-            self._set_job(job_id, state=state, finished_at=utcnow())
+            self._set_job(job_id, state=state, finished_at=None if self._stopping else utcnow())
+            self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state=state)
         except Exception as exc:  # a job must never die silently
             log.exception("stats job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}"[:500]
             self._set_job(job_id, state="failed", error=message, finished_at=utcnow())
             self._set_content(key, stats_state="failed", stats_error=message)
+            self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state="failed")

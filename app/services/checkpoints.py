@@ -190,6 +190,9 @@ def _register(
         session.add(row)
     if content.stats_state in ("pending", "failed"):
         core.jobs.submit_stats(key)
+    if origin == "upload":
+        core.metrics.inc("ckptscope_uploads_total")
+        core.metrics.inc("ckptscope_upload_bytes_total", row.size_bytes)
     return row
 
 

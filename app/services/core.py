@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from app.config import Settings
 from app.jobs.runner import JobRunner
+from app.metrics import Metrics
 from app.store.blobs import BlobStore
 from app.store.catalogue import Catalogue
 
@@ -11,6 +12,7 @@ from app.store.catalogue import Catalogue
 class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(settings.data_dir)
         self.blobs.clean_tmp()

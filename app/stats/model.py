@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 HIST_BINS = 64
@@ -35,10 +35,23 @@ class TensorStats:
     note: str | None = None  # why some stats are absent (e.g. complex dtype)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("mean", "std", "min", "max", "l2", "absmax", "hist_min", "hist_max"):
-            out[key] = finite_or_none(out[key])
-        return out
+        f = finite_or_none
+        return {
+            "numel": self.numel,
+            "mean": f(self.mean),
+            "std": f(self.std),
+            "min": f(self.min),
+            "max": f(self.max),
+            "l2": f(self.l2),
+            "absmax": f(self.absmax),
+            "zeros": self.zeros,
+            "nan": self.nan,
+            "inf": self.inf,
+            "hist": list(self.hist),
+            "hist_min": f(self.hist_min),
+            "hist_max": f(self.hist_max),
+            "note": self.note,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorStats:

@@ -1,0 +1,21 @@
+.PHONY: serve test bench bench-quick lint
+
+serve:
+	bash scripts/serve.sh
+
+test:
+	bash scripts/test.sh
+
+lint:
+	.venv/bin/ruff check app tests scripts bench
+
+# Generates ~13 GB of checkpoints under bench-data/ (kept between runs) and writes BENCHMARKS.md.
+bench:
+	bash scripts/setup.sh --test
+	.venv/bin/python -m pip install --quiet weightlens==0.3.0
+	.venv/bin/python -m bench.run --runs 3
+
+bench-quick:
+	bash scripts/setup.sh --test
+	.venv/bin/python -m pip install --quiet weightlens==0.3.0
+	.venv/bin/python -m bench.run --runs 1 --quick

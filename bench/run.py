@@ -406,7 +406,8 @@ def report(r: dict) -> str:
         "",
         "| what | time | throughput | peak RSS over baseline |",
         "|---|---|---|---|",
-        f"| ckptscope export (header + `copy_file_range`, fsync) | {E['seconds']:.2f} s | {export_gbps:.2f} GB/s | "
+        "| ckptscope export (header + pread/write of merged ranges, fsync) | "
+        f"{E['seconds']:.2f} s | {export_gbps:.2f} GB/s | "
         f"{E['grown_mib']:.0f} MiB |",
         f"| `dd` of the same byte ranges, `conv=fsync` | {E['dd_seconds']:.2f} s | {dd_gbps:.2f} GB/s | |",
         "",
@@ -420,10 +421,46 @@ def report(r: dict) -> str:
         f"| second open: all tensors with stats (`/tensors?limit=5000`) | {ms(H['second_open_api_s'])} |",
         f"| second open: checkpoint page (HTML) | {ms(H['second_open_page_s'])} |",
         "",
-        "Repeat: `make bench` (or `.venv/bin/python -m bench.run --runs 3`); `--quick` skips the 8 GB file.",
+        "## Where a target is missed, and why",
+        "",
+        *_misses(targets, rate, naive, summ, L),
+        "",
+        "Repeat: `make bench` (or `.venv/bin/python -m bench.run --runs 3`); `--quick` skips the 8 GB file. "
+        "Raw numbers of this run: `bench-data/results.json`. To redraw this page from them: "
+        "`python -m bench.run --report-only`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _misses(targets: list, rate: float, naive: float, summ: float, listing: dict) -> list[str]:
+    missed = {name for name, _, _, ok in targets if not ok}
+    out = []
+    if "listing, 20,000 tensors" in missed:
+        out.append(
+            f"- **Listing 20,000 tensors** took {listing['ckptscope_small']['seconds'] * 1e3:.0f} ms "
+            "(median of fresh processes; 77-88 ms when measured alone on the same machine). The time is the "
+            "C JSON parser on a 2 MB header (~25 ms) plus building 20,000 records in Python (~3 us each). "
+            "Next step: build records lazily, or cache listings in the catalogue (the server already does: "
+            "a page never re-parses)."
+        )
+    if "… vs the naive loop" in missed:
+        out.append(
+            f"- **vs the naive loop** {rate / naive:.1f}x instead of 8x: the naive loop here reaches "
+            f"{naive:.2f} GB/s because torch's single-op reductions are fast on page-cached data and it uses "
+            "both cores per op; it also needs ~2 GB of RSS, ckptscope ~50 MB. Closing the gap needs a fused "
+            "native kernel (one read per element for all statistics, DESIGN.md reports 8.5 GB/s)."
+        )
+    if "… vs one sum() pass" in missed:
+        out.append(
+            f"- **vs one sum() pass** {rate / summ:.2f}x instead of 0.10x: the bare pass runs at {summ:.1f} GB/s "
+            "over a warm mapping with both cores, while full statistics need two passes (exact two-pass "
+            "variance and a histogram over the final range) and about ten vector operations per element. "
+            "The same fused kernel is the remedy."
+        )
+    if "export half of 2 GB vs dd+fsync" in missed:
+        out.append("- **export vs dd**: durable writes on this VM vary 0.4-1.5 GB/s between runs; see the rows above.")
+    return out or ["- None in this run."]
 
 
 def main() -> int:
@@ -432,9 +469,13 @@ def main() -> int:
     parser.add_argument("--dir", default=str(ROOT / "bench-data"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--report-only", action="store_true", help="redraw the report from results.json")
     args = parser.parse_args()
-    results = run(args)
-    Path(args.dir, "results.json").write_text(json.dumps(results, indent=1))
+    if args.report_only:
+        results = json.loads(Path(args.dir, "results.json").read_text())
+    else:
+        results = run(args)
+        Path(args.dir, "results.json").write_text(json.dumps(results, indent=1))
     text = report(results)
     Path(args.out).write_text(text)
     print(text)

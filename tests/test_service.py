@@ -1,0 +1,88 @@
+"""Service behaviour: bearer-token auth and the login form, health, readiness, metrics, request ids."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests import factories as f
+from tests.test_api import make_client, upload, wait_stats
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def secured(tmp_path):
+    with make_client(tmp_path / "data", api_token=TOKEN) as c:
+        yield c
+
+
+def test_api_needs_the_bearer_token(secured, tmp_path):
+    r = secured.get("/api/v1/checkpoints")
+    assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert secured.get("/api/v1/checkpoints", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert secured.get("/api/v1/checkpoints", headers=auth).json() == []
+    path = f.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
+    with path.open("rb") as fh:
+        assert secured.post("/api/v1/checkpoints", files={"file": ("w.pt", fh)}).status_code == 401
+    assert upload(secured, path, headers=auth).status_code == 201
+    assert secured.get("/openapi.json").status_code == 401
+    assert secured.get("/healthz").status_code == 200 and secured.get("/readyz").status_code == 200
+    assert secured.get("/static/app.css").status_code == 200
+
+
+def test_pages_redirect_to_a_login_form_that_sets_a_cookie(secured):
+    r = secured.get("/checkpoints/x?tensor=a", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fcheckpoints%2Fx%3Ftensor%3Da"
+    form = secured.get("/login", params={"next": "/"})
+    assert form.status_code == 200 and 'type="password"' in form.text
+    bad = secured.post("/login", data={"token": "nope", "next": "/"}, follow_redirects=False)
+    assert bad.status_code == 401 and "not right" in bad.text
+    good = secured.post("/login", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
+    assert good.status_code == 303 and good.headers["location"] == "/"
+    cookie = good.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+    assert secured.get("/").status_code == 200  # the client keeps the cookie
+    assert secured.get("/api/v1/checkpoints").status_code == 200  # the cookie works for the API too
+    secured.post("/logout")
+    assert secured.get("/", follow_redirects=False).status_code == 303
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "\\\\evil", "relative"])
+def test_login_never_redirects_off_site(secured, target):
+    r = secured.post("/login", data={"token": TOKEN, "next": target}, follow_redirects=False)
+    assert r.headers["location"] == "/"
+
+
+def test_readyz_reports_a_missing_data_directory(tmp_path):
+    with make_client(tmp_path / "data") as c:
+        assert c.get("/readyz").json() == {"status": "ready"}
+        shutil.rmtree(tmp_path / "data" / "blobs")
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "data directory" in r.json()["status"]
+
+
+def test_metrics_count_uploads_rejections_jobs_and_requests(tmp_path):
+    with make_client(tmp_path / "data") as c:
+        body = upload(c, f.save_torch(f.cnn_state_dict(), tmp_path / "a.pt")).json()
+        wait_stats(c, body["id"])
+        c.post("/api/v1/checkpoints", files={"file": ("bad.pt", b"junk" * 10)})
+        text = c.get("/metrics").text
+    assert "ckptscope_uploads_total 1" in text
+    assert f"ckptscope_upload_bytes_total {body['size_bytes']}" in text
+    assert 'ckptscope_uploads_rejected_total{reason="unknown_format"} 1' in text
+    assert 'ckptscope_jobs_total{kind="stats",state="done"} 1' in text
+    assert "ckptscope_job_duration_seconds_count 1" in text
+    assert 'ckptscope_http_requests_total{method="POST",status="4xx"} 1' in text
+    assert "# TYPE ckptscope_http_requests_total counter" in text
+
+
+def test_request_ids_are_echoed_or_made(tmp_path):
+    with make_client(tmp_path / "data") as c:
+        assert c.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+        made = c.get("/healthz", headers={"X-Request-ID": "<bad id>"}).headers["x-request-id"]
+        assert made != "<bad id>" and len(made) == 32

@@ -104,14 +104,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(values: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for value in values:
-        if "=" not in value:
-            raise SystemExit(f"ckptscope: {what} {value!r} must look like OLD=NEW (NEW may be empty)")
-        old, new = value.split("=", 1)
-        out[old] = new
-    return out
+def _pairs(values: list[str]) -> dict[str, str]:
+    from app.services.selection import parse_pairs
+
+    return parse_pairs(values)
 
 
 def _sha256(path: str) -> str:
@@ -152,10 +148,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(args.path)
     root = ckpt.default_root if args.root is None else args.root
     outputs, plan = export_with_plan(
-        ckpt.root_tensors(root), args.include, args.exclude, _pairs(args.rename, "--rename"), args.freeze
+        ckpt.root_tensors(root), args.include, args.exclude, _pairs(args.rename), args.freeze
     )
     fmt = _format_for_output(args.output, args.format)
-    selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": _pairs(args.rename, "")}
+    selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": _pairs(args.rename)}
     kept = (
         {
             k.removeprefix("__metadata__."): v
@@ -180,7 +176,7 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     report = copy_report(
         src.root_tensors(args.source_root),
         dst.root_tensors(args.target_root),
-        _pairs(args.map, "--map"),
+        _pairs(args.map),
         strict=not args.no_strict,
     )
     data = report.to_json()

@@ -142,9 +142,7 @@ def get_tree(
     """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals)."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
-    node = svc.module_tree(core, content, root).find(path)
-    if node is None:
-        raise NotFound(f"no module {path!r} in this checkpoint")
+    node = svc.module_node(core, content, root, path)
     return {"root": root, "stats_state": content.stats_state, "tree": node.to_json(depth)}
 
 

@@ -378,6 +378,13 @@ def module_tree(core: Core, content: Content, root: str) -> TreeNode:
     return tree
 
 
+def module_node(core: Core, content: Content, root: str, path: str) -> TreeNode:
+    node = module_tree(core, content, root).find(path)
+    if node is None:
+        raise NotFound(f"no module {path!r} in this checkpoint")
+    return node
+
+
 def save_stats(core: Core, content_key: str, stats_by_position: dict[int, TensorStats]) -> int:
     """Write computed stats; returns how many rows were updated (0 when the content is gone)."""
     from sqlalchemy import bindparam

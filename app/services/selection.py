@@ -38,3 +38,14 @@ def normalize_mapping(mapping: Mapping[str, str]) -> dict[str, str]:
     if not isinstance(mapping, Mapping):
         raise Invalid("mapping must be an object of 'source prefix': 'target prefix'")
     return {normalize_prefix(k): normalize_prefix(v) for k, v in mapping.items()}
+
+
+def parse_pairs(items: Iterable[str]) -> dict[str, str]:
+    """``["encoder.=backbone.", "module.="]`` -> ``{"encoder.": "backbone.", "module.": ""}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise Invalid(f"{item!r} must look like old=new (new may be empty)")
+        old, new = item.split("=", 1)
+        out[old] = new
+    return out

@@ -137,9 +137,7 @@ def tree_children(
 ) -> Response:
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
-    node = svc.module_tree(core, content, root).find(path)
-    if node is None:
-        raise NotFound(f"no module {path!r} in this checkpoint")
+    node = svc.module_node(core, content, root, path)
     params = {"root": root if root != content.default_root else None}
     context = {"ckpt": row, "node": node, "params": params, "offset": 0}
     return render(request, "checkpoint.html", context, "tree_children")
@@ -156,14 +154,10 @@ def progress(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
 
 
 def _pairs(text: str) -> dict[str, str]:
-    """'encoder.=backbone., module.=' -> {'encoder.': 'backbone.', 'module.': ''}"""
-    out = {}
-    for item in text.replace(",", " ").split():
-        if "=" not in item:
-            raise Invalid(f"rename {item!r} must look like old=new (new may be empty)")
-        old, new = item.split("=", 1)
-        out[old] = new
-    return out
+    """'encoder.=backbone., module.=' (comma or space separated) -> a prefix mapping."""
+    from app.services.selection import parse_pairs
+
+    return parse_pairs(text.replace(",", " ").split())
 
 
 async def _selection(request: Request) -> tuple[Any, list[str], str | None]:

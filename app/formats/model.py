@@ -42,6 +42,8 @@ _DTYPE_LIST = [
 DTYPES: dict[str, DType] = {d.name: d for d in _DTYPE_LIST}
 SAFETENSORS_DTYPES: dict[str, DType] = {d.safetensors: d for d in _DTYPE_LIST if d.safetensors}
 
+MAX_DIMS = 64  # dimensions a tensor may declare, in any format
+
 # Last name parts that mark a tensor as a buffer (state kept by a module that is not a parameter).
 BUFFER_NAMES = frozenset(
     {

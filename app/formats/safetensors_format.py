@@ -15,11 +15,19 @@ from typing import Any
 
 from .errors import CheckpointError
 from .gc_pause import paused_gc
-from .model import SAFETENSORS_DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo, contiguous_stride, tensor_kind
+from .model import (
+    MAX_DIMS,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    RootInfo,
+    StorageRef,
+    TensorInfo,
+    contiguous_stride,
+    tensor_kind,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_TENSORS = 500_000
-MAX_DIMS = 64
 
 
 def _bad(message: str) -> CheckpointError:
@@ -135,7 +143,6 @@ def read_safetensors(path: str | Path) -> Checkpoint:
             raise _bad(f"tensors {n0!r} and {n1!r} overlap in the data area")
         if b1 > e0:  # the safetensors library refuses gaps too
             raise _bad(f"the data area has {b1 - e0} bytes between tensors {n0!r} and {n1!r}")
-    warnings = []
     end = spans[-1][1] if spans else 0
     if (spans and spans[0][0] != 0) or end != data_size:
         raise _bad("tensor data does not cover the data area exactly (leading or trailing bytes)")
@@ -144,6 +151,5 @@ def read_safetensors(path: str | Path) -> Checkpoint:
         tensors=tensors,
         roots=[RootInfo("", len(tensors))],
         metadata={f"__metadata__.{k}": v for k, v in raw_meta.items()},
-        warnings=warnings,
         files=[str(path)],
     )

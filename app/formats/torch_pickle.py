@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from .errors import CheckpointError
-from .model import DTYPES
+from .model import DTYPES, MAX_DIMS
 
 # Legacy typed storage classes -> dtype name.
 _STORAGE_CLASSES = {
@@ -42,8 +42,6 @@ _DTYPE_ALIASES = {
     "cfloat": "complex64",
     "cdouble": "complex128",
 }
-
-MAX_DIMS = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,25 +73,20 @@ def _iter_via_torch(tensor: OutputTensor) -> Iterator[bytes]:
 
     import torch
 
+    from .tensor_views import logical_view, row_blocks
+
     src = tensor.source
-    dtype = getattr(torch, src.dtype)
     out_dtype = getattr(torch, tensor.out_dtype)
     with open(src.storage.path, "rb") as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            flat = torch.frombuffer(
-                mm, dtype=dtype, count=src.storage.nbytes // src.itemsize, offset=src.storage.offset
-            )
-            view = flat.as_strided(src.shape or (1,), src.stride or (1,), src.storage_offset)
-            rows = view.shape[0]
-            per_row = max(1, src.numel // max(rows, 1))
-            step = max(1, (COPY_CHUNK // src.itemsize) // per_row)
-            for i in range(0, rows, step):
-                part = view[i : i + step].to(out_dtype).contiguous()
+            view = logical_view(mm, src)
+            for block in row_blocks(view, COPY_CHUNK // src.itemsize):
+                part = block.to(out_dtype).contiguous()
                 yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
                 del part
-            del view, flat
+            del view, block
         finally:
             mm.close()
 

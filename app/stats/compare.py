@@ -12,23 +12,21 @@ from typing import Any
 import torch
 
 from app.formats.model import DTYPES, TensorInfo
+from app.formats.tensor_views import logical_view, row_blocks
 
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _logical_chunks(stack: ExitStack, info: TensorInfo, step: int) -> Iterator[torch.Tensor]:
+def _logical_chunks(stack: ExitStack, info: TensorInfo) -> Iterator[torch.Tensor]:
     fh = stack.enter_context(open(info.storage.path, "rb"))
     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     stack.callback(mm.close)
-    flat = torch.frombuffer(
-        mm, dtype=getattr(torch, info.dtype), count=info.storage.nbytes // info.itemsize, offset=info.storage.offset
-    )
-    view = flat.as_strided(info.shape or (1,), info.stride or (1,), info.storage_offset)
+    view = logical_view(mm, info)
     try:
-        for i in range(0, view.shape[0], step):
-            yield view[i : i + step].reshape(-1)
+        for block in row_blocks(view, CHUNK_ELEMENTS):
+            yield block.reshape(-1)
     finally:
-        del view, flat
+        del view
 
 
 def compare(a: TensorInfo, b: TensorInfo) -> dict[str, Any]:
@@ -40,15 +38,12 @@ def compare(a: TensorInfo, b: TensorInfo) -> dict[str, Any]:
         return {"identical": a.dtype == b.dtype, "max_abs_diff": 0.0, "rel_l2": 0.0, "cosine": 1.0 if a.numel else None}
     if "complex" in (DTYPES[a.dtype].category, DTYPES[b.dtype].category):
         return {"identical": False, "max_abs_diff": None, "rel_l2": None, "cosine": None}
-    rows = a.shape[0] if a.shape else 1
-    per_row = max(1, a.numel // max(rows, 1))
-    step = max(1, CHUNK_ELEMENTS // per_row)
     identical = a.dtype == b.dtype
     max_abs = 0.0
     dd = aa = bb = ab = 0.0
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for ca, cb in zip(_logical_chunks(stack, a, step), _logical_chunks(stack, b, step), strict=True):
+        for ca, cb in zip(_logical_chunks(stack, a), _logical_chunks(stack, b), strict=True):
             x = ca.to(torch.float64)
             y = cb.to(torch.float64)
             if identical:

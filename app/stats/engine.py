@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from app.formats.model import DTYPES, TensorInfo
+from app.formats.tensor_views import row_blocks, storage_tensor
 
 from .model import HIST_BINS, TensorStats
 
@@ -151,15 +152,9 @@ class _TensorWalker:
             self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _strided_chunks(self) -> Iterator[torch.Tensor]:
-        storage = self.info.storage
-        numel = storage.nbytes // self.info.itemsize
-        flat = torch.frombuffer(self.mm, dtype=self.dtype, count=numel, offset=storage.offset)
-        view = flat.as_strided(self.plan.shape, self.plan.stride, self.plan.start)
-        rows = self.plan.shape[0]
-        per_row = max(1, self.plan.count // rows)
-        step = max(1, CHUNK_ELEMENTS // per_row)
-        for i in range(0, rows, step):
-            for raw in view[i : i + step].reshape(-1).split(CHUNK_ELEMENTS):
+        view = storage_tensor(self.mm, self.info).as_strided(self.plan.shape, self.plan.stride, self.plan.start)
+        for block in row_blocks(view, CHUNK_ELEMENTS):
+            for raw in block.reshape(-1).split(CHUNK_ELEMENTS):
                 yield self._compute(raw)
 
 

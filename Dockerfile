@@ -3,7 +3,8 @@
 #   docker build -t ckptscope .
 #   docker run -p 8000:8000 -v ckpt-data:/data -e CKPTSCOPE_API_TOKEN=... ckptscope
 #
-# torch is installed exactly as CI installs it: scripts/setup.sh, which installs
+# torch is installed exactly as CI installs it: scripts/setup.sh (which also fetches gcc here, for
+# the stats kernel; only the built module reaches the final stage), which installs
 # ${TORCH_SPEC:-torch==2.13.0} before the project. To get the CPU-only build (a few hundred MB
 # instead of several GB), put CPU wheels in ./wheelhouse (pip download or copy them there): the
 # build passes it to pip as PIP_FIND_LINKS. PIP_EXTRA_INDEX_URL can point at a CPU wheel index.
@@ -18,7 +19,7 @@ ENV CKPTSCOPE_VENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY scripts ./scripts
 COPY app ./app
 COPY templates ./templates

@@ -24,6 +24,16 @@ else
     fi
     py="$venv/bin/python"
 fi
+# The stats kernel (app/stats/_kernel.c) is compiled at install: a C compiler is needed. The
+# Dockerfile's slim build stage has none, so as root it comes from Debian's packages.
+if ! command -v cc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev) >/dev/null
+    else
+        echo "setup: a C compiler (cc) is needed to build the stats kernel; install gcc" >&2
+        exit 1
+    fi
+fi
 pip_install() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
 # torch first, pinned: an unpinned torch>=2.10 in an empty venv pulls a multi-GB CUDA build.
 pip_install "${TORCH_SPEC:-torch==2.13.0}"

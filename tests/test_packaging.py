@@ -16,8 +16,10 @@ def test_dockerfile_uses_the_ci_install_path_and_service_settings():
     assert 'VOLUME ["/data"]' in text and "EXPOSE 8000" in text
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert 'CMD ["ckptscope", "serve", "--host", "0.0.0.0"]' in text
-    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
-        assert (ROOT / source).exists(), source
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        for source in line.split()[:-1]:  # the last word is the destination
+            assert (ROOT / source).exists(), source
+    assert "setup.py" in text  # it builds the stats kernel
 
 
 def test_ci_runs_the_readme_test_command_and_the_install_smoke():

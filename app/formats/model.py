@@ -62,10 +62,12 @@ BUFFER_NAMES = frozenset(
 )
 
 
+_FLOATING = frozenset(name for name, d in DTYPES.items() if d.category in ("float", "complex"))
+
+
 def tensor_kind(name: str, dtype: str) -> str:
     """'buffer' for known buffer names and non-float tensors, else 'parameter'."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in BUFFER_NAMES or DTYPES[dtype].category not in ("float", "complex"):
+    if dtype not in _FLOATING or name[name.rfind(".") + 1 :] in BUFFER_NAMES:
         return "buffer"
     return "parameter"
 

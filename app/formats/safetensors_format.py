@@ -112,8 +112,9 @@ def read_safetensors(path: str | Path) -> Checkpoint:
     data_size = file_size - data_start
     tensors: list[TensorInfo] = []
     spans: list[tuple[int, int, str]] = []
+    spath = str(path)
     for name, entry in header.items():
-        if not isinstance(entry, dict):
+        if entry.__class__ is not dict:
             raise _bad(f"tensor {name!r} header entry is not an object")
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
         if dtype is None:
@@ -122,18 +123,15 @@ def read_safetensors(path: str | Path) -> Checkpoint:
             )
         shape = _shape(name, entry.get("shape"))
         offsets = entry.get("data_offsets")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(v) is int for v in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
+        if offsets.__class__ is not list or len(offsets) != 2:
             raise _bad(f"tensor {name!r} has data offsets outside the file")
         begin, end = offsets
+        if begin.__class__ is not int or end.__class__ is not int or not 0 <= begin <= end <= data_size:
+            raise _bad(f"tensor {name!r} has data offsets outside the file")
         if math.prod(shape) * dtype.itemsize != end - begin:
             raise _bad(f"tensor {name!r}: shape {list(shape)} of {dtype.name} does not match its {end - begin} bytes")
         spans.append((begin, end, name))
-        storage = StorageRef(str(path), data_start + begin, end - begin, name)
+        storage = StorageRef(spath, data_start + begin, end - begin, name)
         tensors.append(
             TensorInfo(name, dtype.name, shape, contiguous_stride(shape), 0, storage, tensor_kind(name, dtype.name))
         )

@@ -1,9 +1,9 @@
 """The stats engine: fused, chunked, two-pass statistics over memory-mapped tensor bytes.
 
-Each tensor is read zero-copy from an mmap of its file in chunks of ``CHUNK_ELEMENTS``.
-Pass 1 gathers sum (float64), sum of squares, min/max and the non-zero count; NaN/Inf are
-only counted when a chunk's sum shows they exist. Pass 2 gathers the centred sum of squares
-(exact two-pass variance) and the histogram (sub/mul/clamp -> int32 -> bincount). Half,
+Each tensor is read zero-copy from an mmap of its file in chunks of ``CHUNK_ELEMENTS``, and each
+chunk goes through the two fused loops of the C kernel (``_kernel.c``, GIL released): pass 1
+gathers the float64 sum, min/max and the non-zero count (NaN/Inf are only looked for when the
+sum shows they exist); pass 2 the centred sums (exact two-pass variance) and the histogram. Half,
 bfloat16 and float8 chunks are upcast into a preallocated float32 buffer, integer and bool
 chunks into a float64 one; no whole-tensor copy is ever made. Finished ranges of big tensors
 are released with ``MADV_DONTNEED`` so resident memory stays flat whatever the file size.
@@ -27,6 +27,7 @@ import torch
 from app.formats.model import DTYPES, TensorInfo
 from app.formats.tensor_views import row_blocks, storage_tensor
 
+from . import _kernel
 from .model import HIST_BINS, TensorStats
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32: the chunk and its scratch buffers stay in cache
@@ -79,14 +80,11 @@ def plan_view(info: TensorInfo) -> _ViewPlan:
 
 
 class _Buffers:
-    """Per-thread scratch space, allocated once: upcast targets, differences, bin ids."""
+    """Per-thread upcast targets, allocated once."""
 
     def __init__(self) -> None:
         self.f32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
         self.f64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
-        self.diff64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
-        self.scaled32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
-        self.i32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.int32)
 
 
 class _TensorWalker:
@@ -108,7 +106,7 @@ class _TensorWalker:
 
     def _compute(self, raw: torch.Tensor) -> torch.Tensor:
         if self.upcast is None:
-            return raw
+            return raw if raw.is_contiguous() else raw.contiguous()  # the kernel reads raw memory
         out = self.upcast[: raw.numel()]
         out.copy_(raw)
         return out
@@ -159,8 +157,9 @@ class _TensorWalker:
 
 
 class _Accumulator:
-    """Pass 1 takes a float32 sum for a provisional mean m; pass 2 sums (x - m) in float64, which
-    corrects the mean exactly, and the squares of (x - m) with an f64 dot for the variance."""
+    """Pass 1 (C kernel) takes the float64 sum, min/max, non-zero, NaN and Inf counts, giving a
+    provisional mean m; pass 2 sums (x - m) and (x - m)^2 in float64, which corrects the mean
+    exactly and gives the variance without cancellation, and fills the histogram."""
 
     def __init__(self) -> None:
         self.n = 0  # finite values seen
@@ -174,56 +173,27 @@ class _Accumulator:
         self.shift = 0.0  # sum of (x - m)
         self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
 
-    def _finite_part(self, c: torch.Tensor, count: bool) -> torch.Tensor:
-        finite = torch.isfinite(c)
-        if count:
-            nan = int(torch.isnan(c).sum())
-            self.nan += nan
-            self.inf += c.numel() - int(finite.sum()) - nan
-        return c[finite]
-
     def pass1(self, c: torch.Tensor) -> bool:
-        """Sum, min/max, non-zeros. Returns True when the chunk held NaN/Inf (pass 2 filters it)."""
-        self.nonzero += int(torch.count_nonzero(c))
-        s = float(c.sum())
-        dirty = not math.isfinite(s)
-        if dirty or abs(s) > 1e30:  # NaN/Inf, or a float32 sum that may have overflowed
-            finite = self._finite_part(c, count=True) if dirty else c
-            if finite.numel() == 0:
-                return True
-            s = float(finite.sum(dtype=torch.float64))
-            c = finite
-        lo, hi = torch.aminmax(c)
-        self.n += c.numel()
-        self.total += s
-        self.lo = min(self.lo, float(lo))
-        self.hi = max(self.hi, float(hi))
-        return dirty
+        """Returns True when the chunk held NaN/Inf (pass 2 then skips them)."""
+        finite, total, lo, hi, nonzero, nan, inf = _kernel.pass1(c.data_ptr(), c.numel(), c.dtype == torch.float64)
+        self.nonzero += nonzero
+        self.nan += nan
+        self.inf += inf
+        if finite:
+            self.n += finite
+            self.total += total
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
+        return finite != c.numel()
 
-    def pass2(self, c: torch.Tensor, dirty: bool, mean: float, bufs: _Buffers) -> None:
-        if dirty:
-            c = self._finite_part(c, count=False)
-        n = c.numel()
-        if n == 0:
-            return
-        diff = bufs.diff64[:n]
-        diff.copy_(c)  # exact; subtracting in float32 would round the mean and every difference
-        diff.sub_(mean)
-        self.shift += float(diff.sum())
-        self.css += float(torch.dot(diff, diff))
-        if self.hi > self.lo:
-            # c >= lo, so (c - lo) * scale >= 0 exactly: no clamp needed. The maximum lands on 64
-            # (or, rounded, a hair above): everything from bin 64 up folds into the last bin.
-            scale = HIST_BINS / (self.hi - self.lo)
-            scaled = diff if c.dtype == torch.float64 else bufs.scaled32[:n]
-            torch.sub(c, self.lo, out=scaled).mul_(scale)
-            idx = bufs.i32[:n]
-            idx.copy_(scaled)
-            counts = torch.bincount(idx, minlength=HIST_BINS + 1)
-            self.hist[:HIST_BINS] += counts[:HIST_BINS]
-            self.hist[HIST_BINS - 1] += counts[HIST_BINS:].sum()
-        else:
-            self.hist[0] += n
+    def pass2(self, c: torch.Tensor, dirty: bool, mean: float) -> None:
+        # (x - lo) * scale lies in [0, 64]; the cap keeps it finite when hi - lo is denormal-small
+        scale = min(HIST_BINS / (self.hi - self.lo), 1e300) if self.hi > self.lo else 0.0
+        shift, css = _kernel.pass2(
+            c.data_ptr(), c.numel(), c.dtype == torch.float64, dirty, mean, self.lo, scale, self.hist.data_ptr()
+        )
+        self.shift += shift
+        self.css += css
 
     def result(self, numel: int, distinct: int, factor: int, provisional_mean: float) -> TensorStats:
         n = self.n * factor
@@ -264,7 +234,7 @@ def tensor_stats(mm: mmap.mmap | None, info: TensorInfo, bufs: _Buffers | None =
     mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
-            acc.pass2(c, chunk_dirty, mean, bufs)
+            acc.pass2(c, chunk_dirty, mean)
     walker.release()
     return acc.result(info.numel, plan.count, plan.factor, mean)
 

@@ -282,6 +282,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+    from app.store.catalogue import make_engine
+    from app.store.migrate import upgrade
+
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        print(f"catalogue schema at revision {upgrade(engine)} ({engine.url.render_as_string(hide_password=True)})")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptscope", description="Look inside model checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.set_defaults(func=_cmd_serve)
+    m = sub.add_parser("migrate", help="create or upgrade the catalogue's schema (serve does this too)")
+    m.set_defaults(func=_cmd_migrate)
     return parser
 
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +11,8 @@ import torch
 from playwright.sync_api import expect
 
 from tests import factories as f
+from tests.conftest import database_env
+from tests.servers import Server
 
 pytestmark = pytest.mark.e2e
 
@@ -29,37 +26,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("server-data")
-    port = free_port()
-    env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data)}
-    log = (data / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start: " + (data / "server.log").read_text()) from None
-            time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
-    assert "Traceback" not in (data / "server.log").read_text()
+    data = tmp_path_factory.mktemp("server") / "data"
+    srv = Server(data, database_env())
+    yield srv.base
+    assert srv.terminate()
+    assert "Traceback" not in srv.log()
 
 
 @pytest.fixture(scope="module")

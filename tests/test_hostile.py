@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,8 +12,9 @@ import httpx
 import pytest
 
 from app.formats import CheckpointError, open_checkpoint
+from tests.conftest import database_env
 from tests.hostile_corpus import Case, build_corpus, positive_control
-from tests.test_e2e_browser import free_port
+from tests.servers import Server
 
 pytestmark = pytest.mark.slow
 
@@ -94,29 +94,15 @@ def _rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("hostile-server")
-    port = free_port()
-    env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data), "CKPTSCOPE_PARSE_MEMORY_BYTES": str(1536 * 1024**2)}
-    log = (data / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield base, data, proc
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    data = tmp_path_factory.mktemp("hostile-server") / "data"
+    srv = Server(data, {"CKPTSCOPE_PARSE_MEMORY_BYTES": str(1536 * 1024**2), **database_env()})
+    yield srv
+    assert srv.terminate()
 
 
 def test_every_case_through_the_server(corpus, live_server):
     out, canaries, cases = corpus
-    base, data, proc = live_server
+    base, data, proc = live_server.base, live_server.data_dir, live_server.proc
     client = httpx.Client(base_url=base, timeout=180)
     from tests import factories as f
 
@@ -175,7 +161,7 @@ def test_every_case_through_the_server(corpus, live_server):
     r = client.post("/api/v1/checkpoints", files={"file": ("after.pt", good.read_bytes())})
     assert r.status_code == 201
     assert r.json()["tensor_count"] == 11
-    log = (data / "server.log").read_text()
+    log = live_server.log()
     assert "Traceback" not in log, log[-2000:]
 
 

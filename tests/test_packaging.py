@@ -27,8 +27,12 @@ def test_ci_runs_the_readme_test_command_and_the_install_smoke():
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/test.sh" in ci and "bash scripts/test.sh" in readme
     assert "bash scripts/smoke-install.sh" in ci
-    assert "CKPTSCOPE_VENV=\"$scratch/venv\" bash scripts/setup.sh --runtime" in (
-        ROOT / "scripts" / "smoke-install.sh").read_text()
+    assert "CKPTSCOPE_POSTGRES=required bash scripts/test.sh" in ci  # the PostgreSQL pass cannot be skipped
+    assert "scripts/with-postgres.sh" in (ROOT / "scripts" / "test.sh").read_text()
+    assert (
+        'CKPTSCOPE_VENV="$scratch/venv" bash scripts/setup.sh --runtime'
+        in (ROOT / "scripts" / "smoke-install.sh").read_text()
+    )
 
 
 def test_dockerignore_keeps_local_state_out():

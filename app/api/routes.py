@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app.services import catalogue_ops as ops
 from app.services import checkpoints as svc
@@ -100,7 +101,7 @@ async def upload_checkpoint(
     """Upload a checkpoint: multipart field `file` (repeat it for a sharded set with its index) or
     the raw file as the body with `?filename=`. Stats are computed in the background."""
     uploads, fields = await receive_uploads(core, request, filename)
-    row = svc.ingest(core, uploads, name=fields.get("name") or None)
+    row = await run_in_threadpool(svc.ingest, core, uploads, name=fields.get("name") or None)  # parses in a sandbox
     row, content = svc.get_checkpoint(core, row.id)
     return checkpoint_out(core, row, content)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.services.checkpoints import Upload, discard_unreferenced
+from app.services.checkpoints import Upload, release_blobs
 from app.services.core import Core
 from app.services.errors import Invalid
 from app.store.blobs import BlobWriter, TooLarge
@@ -91,7 +91,7 @@ class _MultipartSink:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        discard_unreferenced(self.core, [u.blob.sha256 for u in self.uploads])
+        release_blobs(self.core, [u.blob for u in self.uploads])
 
 
 async def receive_uploads(core: Core, request: Request, filename: str | None) -> tuple[list[Upload], dict[str, str]]:

@@ -1,14 +1,27 @@
-"""Runs stats jobs on a background thread and records their progress in the catalogue."""
+"""Runs stats jobs on a background thread and records their progress in the catalogue.
+
+Several server processes may share one catalogue, so a content's stats are *claimed* before they
+are computed: a conditional UPDATE sets ``stats_owner`` to this process and ``stats_heartbeat`` to
+now, and only succeeds while nobody else holds a fresh claim. The owner renews the heartbeat as it
+works; the same UPDATE tells it when the content was deleted (by any process) or taken over, and
+the job then stops at the next tensor. A sweeper thread picks up work that a crashed or stopped
+process left behind (pending or running with a stale heartbeat). On shutdown a running job stops at
+the next tensor and its content goes back to "pending" for whichever process runs next.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, delete, or_, select, update
 
 from app.store.catalogue import Content, Job, TensorRow, utcnow
 
@@ -17,23 +30,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckptscope.jobs")
 PROGRESS_INTERVAL_S = 0.25
+HEARTBEAT_S = 1.0  # how often a running job renews its claim (and checks it still has one)
+STALE_S = 60.0  # a claim not renewed for this long belongs to a process that is gone
+SWEEP_S = 20.0  # how often to look for abandoned work
 
 
 class JobRunner:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._active: dict[str, tuple[str, Future[None]]] = {}  # content key -> (job id, future)
-        self._stopping = False
+        self._stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the worker and queue stats for contents a previous run left unfinished."""
+        """Queue stats that earlier runs left unfinished, then keep sweeping for abandoned work."""
+        self.sweep()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="ckptscope-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def sweep(self) -> None:
+        stale = utcnow() - timedelta(seconds=STALE_S)
         with self.core.catalogue.session() as session:
-            keys = list(session.scalars(select(Content.key).where(Content.stats_state.in_(("pending", "running")))))
+            keys = list(
+                session.scalars(
+                    select(Content.key).where(
+                        Content.stats_state.in_(("pending", "running")),
+                        or_(Content.stats_heartbeat.is_(None), Content.stats_heartbeat < stale),
+                    )
+                )
+            )
         for key in keys:
             self.submit_stats(key)
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(SWEEP_S):
+            try:
+                self.sweep()
+            except Exception:  # the database may be briefly unreachable; try again next time
+                log.exception("sweep for abandoned stats failed")
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -50,9 +88,11 @@ class JobRunner:
         with self.core.catalogue.session() as session, session.begin():
             job = Job(kind="stats", content_key=content_key, state="queued")
             session.add(job)
-            content = session.get(Content, content_key)
-            if content is not None:
-                content.stats_state = "pending"
+            session.execute(
+                update(Content)
+                .where(Content.key == content_key, Content.stats_state.in_(("pending", "failed")))
+                .values(stats_state="pending", stats_heartbeat=utcnow())  # queued here, as of now
+            )
         future = self._executor().submit(self._run_stats, job.id, content_key)
         with self._lock:
             self._active[content_key] = (job.id, future)
@@ -71,51 +111,94 @@ class JobRunner:
 
     def shutdown(self) -> None:
         """Abandon running jobs cleanly: they stop at the next tensor and stay queued for the next start."""
-        self._stopping = True
+        self._stopping.set()
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5)
+
+    # --- catalogue writes ---------------------------------------------------------------------
 
     def _set_job(self, job_id: str, **values: object) -> None:
         with self.core.catalogue.engine.begin() as conn:
             conn.execute(update(Job).where(Job.id == job_id).values(**values))
 
-    def _set_content(self, key: str, **values: object) -> None:
+    def _set_own_content(self, key: str, **values: object) -> bool:
+        """Update the content while this process holds its claim; False when it no longer does."""
         with self.core.catalogue.engine.begin() as conn:
-            conn.execute(update(Content).where(Content.key == key).values(**values))
+            result = conn.execute(
+                update(Content).where(Content.key == key, Content.stats_owner == self.owner).values(**values)
+            )
+            return result.rowcount == 1
+
+    def _claim(self, key: str) -> bool:
+        stale = utcnow() - timedelta(seconds=STALE_S)
+        claimable = or_(
+            Content.stats_state.in_(("pending", "failed")),
+            and_(
+                Content.stats_state == "running",
+                or_(Content.stats_heartbeat.is_(None), Content.stats_heartbeat < stale),
+            ),
+        )
+        with self.core.catalogue.engine.begin() as conn:
+            result = conn.execute(
+                update(Content)
+                .where(Content.key == key, claimable)
+                .values(stats_state="running", stats_owner=self.owner, stats_heartbeat=utcnow(), stats_error=None)
+            )
+            return result.rowcount == 1
+
+    # --- the job ------------------------------------------------------------------------------
 
     def _run_stats(self, job_id: str, key: str) -> None:
         from app.services.checkpoints import row_to_info, save_stats
         from app.stats.engine import StatsCancelled, compute_stats
 
         try:
+            if self._stopping.is_set():
+                return  # the job row stays queued; the content stays pending
+            if not self._claim(key):
+                # done meanwhile, deleted, or another process holds a fresh claim: its job is the one to show
+                with self.core.catalogue.engine.begin() as conn:
+                    conn.execute(delete(Job).where(Job.id == job_id))
+                return
             with self.core.catalogue.session() as session:
                 rows = session.scalars(select(TensorRow).where(TensorRow.content_key == key)).all()
                 infos = [(r.position, row_to_info(self.core, r)) for r in rows]
             total = sum(info.nbytes for _, info in infos)
             self._set_job(job_id, state="running", total=total)
-            self._set_content(key, stats_state="running", stats_error=None)
-            last = 0.0
+            last_progress = last_beat = time.monotonic()
+            lost = False
 
             def progress(done: int, total: int) -> None:
-                nonlocal last
+                nonlocal last_progress
                 now = time.monotonic()
-                if now - last >= PROGRESS_INTERVAL_S or done == total:
-                    last = now
+                if now - last_progress >= PROGRESS_INTERVAL_S or done == total:
+                    last_progress = now
                     self._set_job(job_id, done=done)
+
+            def cancelled() -> bool:
+                nonlocal last_beat, lost
+                if self._stopping.is_set() or key in self._cancelled or lost:
+                    return True
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_S:
+                    last_beat = now
+                    lost = not self._set_own_content(key, stats_heartbeat=utcnow())  # deleted or taken over
+                return lost
 
             started = time.monotonic()
             stats = compute_stats(
                 [info for _, info in infos],
                 workers=self.core.settings.stats_workers,
                 progress=progress,
-                cancelled=lambda: self._stopping or key in self._cancelled,
+                cancelled=cancelled,
             )
             updated = save_stats(self.core, key, {pos: stats[info.name] for pos, info in infos})
-            if infos and not updated:  # the checkpoint was deleted while its stats ran
-                raise StatsCancelled()
-            self._set_content(key, stats_state="done")
+            if not self._set_own_content(key, stats_state="done", stats_owner=None) or (infos and not updated):
+                raise StatsCancelled()  # the checkpoint was deleted (or taken over) while its stats ran
             self._set_job(job_id, state="done", done=total, finished_at=utcnow())
             self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state="done")
             self.core.metrics.observe("ckptscope_job_duration_seconds", time.monotonic() - started)
@@ -123,12 +206,18 @@ class JobRunner:
                 "stats for %s: %d tensors, %d bytes in %.2fs", key[:12], len(infos), total, time.monotonic() - started
             )
         except StatsCancelled:
-            state = "queued" if self._stopping else "cancelled"
-            self._set_job(job_id, state=state, finished_at=None if self._stopping else utcnow())
+            if self._stopping.is_set():  # shutting down: leave it for the next process to pick up
+                self._set_own_content(key, stats_state="pending", stats_owner=None, stats_heartbeat=None)
+                self._set_job(job_id, state="queued")
+                state = "abandoned"
+            else:
+                self._set_job(job_id, state="cancelled", finished_at=utcnow())
+                state = "cancelled"
             self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state=state)
+            log.info("stats for %s %s", key[:12], state)
         except Exception as exc:  # a job must never die silently
             log.exception("stats job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}"[:500]
             self._set_job(job_id, state="failed", error=message, finished_at=utcnow())
-            self._set_content(key, stats_state="failed", stats_error=message)
+            self._set_own_content(key, stats_state="failed", stats_error=message, stats_owner=None)
             self.core.metrics.inc("ckptscope_jobs_total", kind="stats", state="failed")

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
 
 from app.formats import Checkpoint as Listing
 from app.formats import StorageRef, TensorInfo
 from app.formats.sandbox import Limits, open_checkpoint_sandboxed
 from app.stats import TensorStats, TreeNode, build_tree
 from app.store.blobs import Blob
-from app.store.catalogue import Checkpoint, Content, FileRef, TensorRow, dumps
+from app.store.catalogue import Checkpoint, Content, FileRef, TensorRow, dumps, retry_conflicts
 
 from .errors import Invalid, NotFound
 
@@ -79,15 +78,22 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
-def _blob_referenced(session: Session, sha: str) -> bool:
-    return session.scalar(select(func.count()).select_from(FileRef).where(FileRef.sha256 == sha)) > 0
+def _blob_referenced(core: Core, sha: str) -> bool:
+    with core.catalogue.session() as session:  # a fresh transaction: sees what others committed
+        return session.scalar(select(func.count()).select_from(FileRef).where(FileRef.sha256 == sha)) > 0
 
 
 def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:
-    with core.catalogue.session() as session:
-        for sha in set(shas):
-            if not _blob_referenced(session, sha):
-                core.blobs.delete(sha)
+    """Delete the blobs that no catalogue row references and no upload in flight has pinned."""
+    for sha in sorted(set(shas)):
+        core.blobs.delete_unless(sha, lambda sha=sha: _blob_referenced(core, sha))
+
+
+def release_blobs(core: Core, blobs: Sequence[Blob]) -> None:
+    """An upload is done with its blobs (registered or refused): unpin them, delete the unused."""
+    for blob in blobs:
+        core.blobs.unpin(blob)
+    discard_unreferenced(core, [b.sha256 for b in blobs])
 
 
 def _tensor_rows(key: str, listing: Listing, sha_of_path: dict[str, str]) -> list[dict[str, Any]]:
@@ -121,7 +127,8 @@ def ingest(
     provenance: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Register uploaded blobs as a checkpoint. On any refusal the blobs that nothing else uses are
-    removed, so a failed upload leaves no file and no catalogue row behind."""
+    removed, so a failed upload leaves no file and no catalogue row behind. Either way the
+    upload's pins on its blobs are released."""
     try:
         if not uploads:
             raise Invalid("no file was uploaded (send the checkpoint in the multipart field 'file')")
@@ -142,9 +149,8 @@ def ingest(
         if unused:
             raise Invalid(f"uploaded files not named by the index: {', '.join(sorted(unused))[:300]}")
         return _register(core, uploads, primary, listing, name, origin, provenance)
-    except BaseException:
-        discard_unreferenced(core, [u.blob.sha256 for u in uploads])
-        raise
+    finally:
+        release_blobs(core, [u.blob for u in uploads])
 
 
 def _register(
@@ -158,36 +164,43 @@ def _register(
 ) -> Checkpoint:
     key = _content_key(uploads)
     sha_of_path = {str(u.blob.path): u.blob.sha256 for u in uploads}
-    with core.catalogue.session() as session, session.begin():
-        content = session.get(Content, key)
-        if content is None:
-            tree = build_tree(listing.tensors)
-            content = Content(
-                key=key,
-                format=listing.format,
-                default_root=listing.default_root,
-                roots=[{"path": r.path, "tensor_count": r.tensor_count} for r in listing.roots],
-                meta=listing.metadata,
-                warnings=listing.warnings,
-                tensor_count=len(listing.tensors),
-                total_bytes=tree.nbytes,
-                stats_state="pending",
+
+    def register() -> tuple[Checkpoint, Content]:
+        with core.catalogue.session() as session, session.begin():
+            content = session.get(Content, key)
+            if content is None:
+                tree = build_tree(listing.tensors)
+                content = Content(
+                    key=key,
+                    format=listing.format,
+                    default_root=listing.default_root,
+                    roots=[{"path": r.path, "tensor_count": r.tensor_count} for r in listing.roots],
+                    meta=listing.metadata,
+                    warnings=listing.warnings,
+                    tensor_count=len(listing.tensors),
+                    total_bytes=tree.nbytes,
+                    stats_state="pending",
+                )
+                session.add(content)
+                session.flush()
+                session.add_all(
+                    FileRef(content_key=key, name=display_name(u.name), sha256=u.blob.sha256, size=u.blob.size)
+                    for u in uploads
+                )
+                session.execute(TensorRow.__table__.insert(), _tensor_rows(key, listing, sha_of_path))
+            row = Checkpoint(
+                name=display_name(name or primary.name),
+                content_key=key,
+                size_bytes=sum(u.blob.size for u in uploads),
+                origin=origin,
+                provenance=provenance,
             )
-            session.add(content)
-            session.flush()
-            session.add_all(
-                FileRef(content_key=key, name=display_name(u.name), sha256=u.blob.sha256, size=u.blob.size)
-                for u in uploads
-            )
-            session.execute(TensorRow.__table__.insert(), _tensor_rows(key, listing, sha_of_path))
-        row = Checkpoint(
-            name=display_name(name or primary.name),
-            content_key=key,
-            size_bytes=sum(u.blob.size for u in uploads),
-            origin=origin,
-            provenance=provenance,
-        )
-        session.add(row)
+            session.add(row)
+        return row, content
+
+    # another process may register the same content at the same moment (the loser's insert
+    # conflicts) or delete it (the checkpoint's reference fails): then look again
+    row, content = retry_conflicts(register)
     if content.stats_state in ("pending", "failed"):
         core.jobs.submit_stats(key)
     if origin == "upload":
@@ -222,22 +235,26 @@ def files_of(core: Core, content_key: str) -> list[FileRef]:
 
 
 def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
-    with core.catalogue.session() as session, session.begin():
-        row = session.get(Checkpoint, checkpoint_id)
-        if row is None:
-            raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
-        key = row.content_key
-        session.delete(row)
-        session.flush()
-        others = session.scalar(select(func.count()).select_from(Checkpoint).where(Checkpoint.content_key == key))
-        shas: list[str] = []
-        if not others:
-            core.jobs.cancel(key)
+    def delete_rows() -> list[str]:
+        with core.catalogue.session() as session, session.begin():
+            row = session.get(Checkpoint, checkpoint_id)
+            if row is None:
+                raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
+            key = row.content_key
+            session.delete(row)
+            session.flush()
+            others = session.scalar(select(func.count()).select_from(Checkpoint).where(Checkpoint.content_key == key))
+            if others:
+                return []
+            core.jobs.cancel(key)  # this process's job; others notice the content is gone
             shas = list(session.scalars(select(FileRef.sha256).where(FileRef.content_key == key)))
             session.execute(delete(TensorRow).where(TensorRow.content_key == key))
             session.execute(delete(FileRef).where(FileRef.content_key == key))
             session.execute(delete(Content).where(Content.key == key))
-    discard_unreferenced(core, shas)
+            return shas
+
+    # a concurrent upload of the same content may add a checkpoint meanwhile: then keep the content
+    discard_unreferenced(core, retry_conflicts(delete_rows))
 
 
 # --- reading tensors -------------------------------------------------------------------------

@@ -3,16 +3,28 @@
 Bytes stream into a temp file in the store's own ``tmp/`` (same filesystem), are hashed as
 they arrive, fsynced, then renamed into place. An aborted write leaves nothing behind.
 Client file names are never used as paths.
+
+Several server processes may share the store. A blob that an upload has just written (or found
+already there) is *pinned* until the upload is registered or refused: a pin is a file
+``pins/<sha>.<token>``, made under the store's lock (an ``flock`` on ``blobs.lock``) in the same
+step that puts the blob in place. Deleting a blob takes the same lock and skips pinned blobs, so
+a deletion in one process can never remove the bytes another process is about to register.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+PIN_TTL_S = 24 * 3600  # a pin older than this was left by a crashed process
 
 
 class TooLarge(Exception):
@@ -26,6 +38,7 @@ class Blob:
     sha256: str
     size: int
     path: Path
+    pin: Path | None = None  # held until the upload is registered or refused (BlobStore.unpin)
 
 
 class BlobWriter:
@@ -50,15 +63,7 @@ class BlobWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        sha = self._hash.hexdigest()
-        final = self._store.path_for(sha)
-        if final.exists():
-            self._temp.unlink()
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._temp, final)
-            _fsync_dir(final.parent)
-        return Blob(sha, self.size, final)
+        return self._store._place(self._temp, self._hash.hexdigest(), self.size)
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -79,8 +84,10 @@ class BlobStore:
         self.root = root
         self.blob_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.pin_dir = root / "pins"
+        self.lock_path = root / "blobs.lock"
+        for folder in (self.blob_dir, self.tmp_dir, self.pin_dir):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -104,26 +111,63 @@ class BlobStore:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
-        sha = digest.hexdigest()
+        return self._place(temp, digest.hexdigest(), size)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's lock, across threads and processes (each use opens its own descriptor)."""
+        with self.lock_path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _place(self, temp: Path, sha: str, size: int) -> Blob:
+        """Pin the blob and move the finished temp file into place (or drop it: same bytes there)."""
         final = self.path_for(sha)
-        if final.exists():
-            temp.unlink()
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
-            _fsync_dir(final.parent)
-        return Blob(sha, size, final)
+        pin = self.pin_dir / f"{sha}.{uuid.uuid4().hex}"
+        with self._locked():
+            pin.touch()
+            if final.exists():
+                temp.unlink()
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
+                _fsync_dir(final.parent)
+        return Blob(sha, size, final, pin)
+
+    def unpin(self, blob: Blob) -> None:
+        if blob.pin is not None:
+            blob.pin.unlink(missing_ok=True)
+
+    def _pinned(self, sha256: str) -> bool:
+        cutoff = time.time() - PIN_TTL_S
+        for pin in self.pin_dir.glob(f"{sha256}.*"):
+            try:
+                if pin.stat().st_mtime >= cutoff:
+                    return True
+                pin.unlink()
+            except FileNotFoundError:
+                pass
+        return False
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()
 
-    def delete(self, sha256: str) -> None:
+    def delete_unless(self, sha256: str, referenced: Callable[[], bool]) -> bool:
+        """Delete a blob unless it is pinned or ``referenced()`` (asked under the lock, so nothing
+        can pin it meanwhile). Returns whether it was deleted."""
         path = self.path_for(sha256)
-        path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()  # only succeeds when no other blob shares the prefix directory
-        except OSError:
-            pass
+        with self._locked():
+            if self._pinned(sha256) or referenced():
+                return False
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only succeeds when no other blob shares the prefix directory
+            except OSError:
+                pass
+        return True
 
     def clean_tmp(self, older_than_s: float = 6 * 3600) -> None:
         """Remove temp files a crashed process left behind (called at start-up). Only old ones:

@@ -1,6 +1,7 @@
 """The catalogue: checkpoints, their tensors (with cached stats) and background jobs.
 
-SQLAlchemy 2; a SQLite file by default, any SQLAlchemy URL via settings. Tensor rows are
+SQLAlchemy 2; a SQLite file by default, PostgreSQL (or any SQLAlchemy URL) via settings; the
+schema is made and upgraded by Alembic migrations (``migrate.py``, ``migrations/``). Tensor rows are
 keyed by the checkpoint's *content key* (the sha256 of its bytes), so identical uploads
 share one listing and one set of computed stats.
 """
@@ -8,9 +9,12 @@ share one listing and one set of computed stats.
 from __future__ import annotations
 
 import json
+import random
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -26,6 +30,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -55,6 +60,9 @@ class Content(Base):
     total_bytes: Mapped[int] = mapped_column(BigInteger)
     stats_state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed
     stats_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # which server process computes the stats, and when it last said so (processes share the catalogue)
+    stats_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    stats_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Checkpoint(Base):
@@ -140,12 +148,36 @@ def make_engine(url: str) -> Engine:
 
 class Catalogue:
     def __init__(self, url: str) -> None:
+        from .migrate import upgrade
+
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        self.revision = upgrade(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+T = TypeVar("T")
+
+
+def retry_conflicts(transaction: Callable[[], T], attempts: int = 5) -> T:
+    """Run a transaction again when another process's concurrent write made it conflict: a unique
+    or foreign key violation (IntegrityError), or SQLite's busy/locked database (OperationalError).
+    Each attempt must be a whole transaction that reads afresh."""
+    for attempt in range(attempts):
+        try:
+            return transaction()
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == attempts - 1 or (isinstance(exc, OperationalError) and not _is_busy(exc)):
+                raise
+            time.sleep(0.01 * 2**attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text or "deadlock" in text or "could not serialize" in text
 
 
 def dumps(value: Any) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app import __version__
 from app.api.routes import CoreDep
@@ -38,7 +39,7 @@ def home(request: Request, core: CoreDep) -> Response:
 @router.post("/upload")
 async def upload(request: Request, core: CoreDep) -> Response:
     uploads, fields = await receive_uploads(core, request, None)
-    row = svc.ingest(core, uploads, name=fields.get("name") or None)
+    row = await run_in_threadpool(svc.ingest, core, uploads, name=fields.get("name") or None)  # parses in a sandbox
     url = f"/checkpoints/{row.id}"
     if is_htmx(request):
         return Response(status_code=200, headers={"HX-Redirect": url})

@@ -35,7 +35,8 @@ PROBLEM = {"content": {"application/problem+json": {}}}
 ERRORS: dict[int | str, dict[str, Any]] = {404: {**PROBLEM, "description": "unknown id or name"}}
 
 
-def checkpoint_out(core: Core, row: Checkpoint, content: Content) -> dict[str, Any]:
+def checkpoint_out(core: Core, row: Checkpoint, content: Content, job_id: str | None = None) -> dict[str, Any]:
+    """``job_id``: the content's newest stats job when the caller already looked it up."""
     return {
         "id": row.id,
         "name": row.name,
@@ -47,7 +48,7 @@ def checkpoint_out(core: Core, row: Checkpoint, content: Content) -> dict[str, A
         "created_at": row.created_at,
         "origin": row.origin,
         "stats_state": content.stats_state,
-        "job_id": core.jobs.job_for(content.key),
+        "job_id": job_id or core.jobs.job_for(content.key),
     }
 
 
@@ -108,7 +109,9 @@ async def upload_checkpoint(
 
 @router.get("/checkpoints", response_model=list[schemas.CheckpointOut])
 def list_checkpoints(core: CoreDep) -> list[dict[str, Any]]:
-    return [checkpoint_out(core, row, content) for row, content in svc.list_checkpoints(core)]
+    rows = svc.list_checkpoints(core)
+    jobs = core.jobs.jobs_for([content.key for _, content in rows])
+    return [checkpoint_out(core, row, content, jobs.get(content.key)) for row, content in rows]
 
 
 @router.get("/checkpoints/{checkpoint_id}", response_model=schemas.CheckpointDetailOut, responses=ERRORS)

@@ -100,10 +100,17 @@ class JobRunner:
 
     def job_for(self, content_key: str) -> str | None:
         """The newest stats job of a content, if any."""
+        return self.jobs_for([content_key]).get(content_key)
+
+    def jobs_for(self, content_keys: list[str]) -> dict[str, str]:
+        """The newest stats job of each content that has one, in one query."""
+        newest: dict[str, str] = {}
         with self.core.catalogue.session() as session:
-            return session.scalars(
-                select(Job.id).where(Job.content_key == content_key).order_by(Job.created_at.desc()).limit(1)
-            ).first()
+            for key, job_id in session.execute(
+                select(Job.content_key, Job.id).where(Job.content_key.in_(set(content_keys))).order_by(Job.created_at)
+            ):
+                newest[key] = job_id  # ascending: the last one seen is the newest
+        return newest
 
     def cancel(self, content_key: str) -> None:
         with self._lock:

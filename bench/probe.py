@@ -135,6 +135,7 @@ def export_half(path: str, out: str) -> dict:
     layers = sorted({int(t.name.split(".")[2]) for t in ckpt.tensors if t.name.startswith("model.layers.")})
     keep = [f"model.layers.{i}" for i in layers[: len(layers) // 2]] + ["model.embed_tokens"]
     outputs = plan_export(ckpt.tensors, keep)
+    __import__("pathlib").Path(out).unlink(missing_ok=True)  # a fresh file, as dd gets
     t = time.perf_counter()
     write_checkpoint(__import__("pathlib").Path(out), outputs, "safetensors", {})
     seconds = time.perf_counter() - t

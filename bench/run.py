@@ -64,40 +64,64 @@ def timed_command(runs: int, argv: list[str]) -> dict:
     return {"seconds": statistics.median(s for s, _ in samples), "peak_mib": statistics.median(m for _, m in samples)}
 
 
-def dd_write(src: Path, dst: Path, ranges: list[list[int]], runs: int) -> float:
-    """dd copying the same bytes with fsync: the machine's limit for export. Adjacent ranges
-    are merged, so dd copies each contiguous run in one invocation."""
+def merged_ranges(ranges: list[list[int]]) -> list[list[int]]:
     merged: list[list[int]] = []
     for offset, length in sorted(ranges):
         if merged and merged[-1][0] + merged[-1][1] == offset:
             merged[-1][1] += length
         else:
             merged.append([offset, length])
-    times = []
-    for _ in range(runs + 1):
-        dst.unlink(missing_ok=True)
-        t = time.perf_counter()
-        for i, (offset, length) in enumerate(merged):
-            conv = "notrunc" + (",fsync" if i == len(merged) - 1 else "")
-            flags = ["oflag=append"] if i else []
-            subprocess.run(
-                [
-                    "dd",
-                    f"if={src}",
-                    f"of={dst}",
-                    "bs=4M",
-                    "iflag=skip_bytes,count_bytes",
-                    *flags,
-                    f"skip={offset}",
-                    f"count={length}",
-                    f"conv={conv}",
-                    "status=none",
-                ],
-                check=True,
-            )
-        times.append(time.perf_counter() - t)
+    return merged
+
+
+def dd_write(src: Path, dst: Path, merged: list[list[int]]) -> float:
+    """dd copying the same bytes with fsync, one invocation per contiguous run: the machine's
+    limit for export. Seconds, from a fresh (unlinked) output file like the export's."""
     dst.unlink(missing_ok=True)
-    return statistics.median(times[1:])
+    t = time.perf_counter()
+    for i, (offset, length) in enumerate(merged):
+        conv = "notrunc" + (",fsync" if i == len(merged) - 1 else "")
+        flags = ["oflag=append"] if i else []
+        subprocess.run(
+            [
+                "dd",
+                f"if={src}",
+                f"of={dst}",
+                "bs=4M",
+                "iflag=skip_bytes,count_bytes",
+                *flags,
+                f"skip={offset}",
+                f"count={length}",
+                f"conv={conv}",
+                "status=none",
+            ],
+            check=True,
+        )
+    seconds = time.perf_counter() - t
+    dst.unlink(missing_ok=True)
+    return seconds
+
+
+def export_vs_dd(runs: int, src: Path, workdir: Path) -> dict:
+    """Export and dd alternate, run by run (after one warm-up pair), so that this VM's drifting
+    write speed affects both alike; medians of each."""
+    out = workdir / "export-half.safetensors"
+    exports, dds = [], []
+    for i in range(runs + 1):
+        result = probe("export_half", str(src), str(out))
+        out.unlink(missing_ok=True)
+        dd = dd_write(src, workdir / "dd-half.bin", merged_ranges(result.pop("ranges")))
+        if i:
+            exports.append(result)
+            dds.append(dd)
+    summary = dict(exports[0])
+    for key in ("seconds", "peak_mib", "base_mib"):
+        summary[key] = statistics.median(r[key] for r in exports)
+    summary["grown_mib"] = statistics.median(r["peak_mib"] - r["base_mib"] for r in exports)
+    summary["all_seconds"] = [round(r["seconds"], 4) for r in exports]
+    summary["dd_seconds"] = statistics.median(dds)
+    summary["dd_all_seconds"] = [round(d, 4) for d in dds]
+    return summary
 
 
 def _free_port() -> int:
@@ -257,10 +281,7 @@ def run(args: argparse.Namespace) -> dict:
         r["tools"]["weightlens_f32"] = timed_command(1, [lens, "analyze", str(files["f32"])])
         r["tools"]["weightlens_small"] = timed_command(1, [lens, "analyze", str(files["small"])])
     print("export…", flush=True)
-    out = Path(args.dir) / "export-half.safetensors"
-    r["export"] = measure(n, "export_half", str(files["f32"]), str(out))
-    out.unlink(missing_ok=True)
-    r["export"]["dd_seconds"] = dd_write(files["f32"], Path(args.dir) / "dd-half.bin", r["export"].pop("ranges"), n)
+    r["export"] = export_vs_dd(n, files["f32"], Path(args.dir))
     print("HTTP…", flush=True)
     r["http"] = http_timings(files["f32"], Path(args.dir))
     return r

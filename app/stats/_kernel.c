@@ -89,11 +89,22 @@ static inline int32_t bin_of(double v, double lo, double scale) {
     return b < BINS - 1 ? b : BINS - 1;
 }
 
-#define DEFINE_PASS2(NAME, T)                                                                    \
+/* The same in float32 for float32 chunks (8 lanes per AVX2 operation instead of 4), used when the
+ * range and the scale fit float32. v >= lo, so the product is >= 0; it is capped before the
+ * conversion. */
+static inline int32_t bin_of_f32(float v, float lo, float scale) {
+    float t = (v - lo) * scale;
+    return (int32_t)(t < (float)(BINS - 1) ? t : (float)(BINS - 1));
+}
+
+#define DEFINE_PASS2(NAME, T, FAST_BIN)                                                          \
     FAST static void NAME(const T *x, Py_ssize_t n, int dirty, double mean, double lo, double scale,  \
                      int64_t *hist, double *shift_out, double *css_out) {                        \
         int64_t sub[4][BINS] = {{0}};                                                            \
         int32_t idx[BLOCK];                                                                      \
+        const float lo32 = (float)lo, scale32 = (float)scale;                                    \
+        /* float32 bins when the range and the scale fit float32 (else differences overflow) */  \
+        const int f32_bins = scale > 1e-36 && scale < 1e30;                                      \
         double shift = 0.0, css = 0.0;                                                           \
         if (!dirty) {                                                                            \
             for (Py_ssize_t start = 0; start < n; start += BLOCK) {                              \
@@ -105,7 +116,7 @@ static inline int32_t bin_of(double v, double lo, double scale) {
                     double d = (double)b[j] - mean;                                              \
                     s += d;                                                                      \
                     c += d * d;                                                                  \
-                    idx[j] = BIN_OF(b[j]);                                                       \
+                    idx[j] = FAST_BIN;                                                           \
                 }                                                                                \
                 shift += s;                                                                      \
                 css += c;                                                                        \
@@ -133,8 +144,8 @@ static inline int32_t bin_of(double v, double lo, double scale) {
         *css_out = css;                                                                          \
     }
 
-DEFINE_PASS2(pass2_f32, float)
-DEFINE_PASS2(pass2_f64, double)
+DEFINE_PASS2(pass2_f32, float, f32_bins ? bin_of_f32(b[j], lo32, scale32) : bin_of((double)b[j], lo, scale))
+DEFINE_PASS2(pass2_f64, double, bin_of((double)b[j], lo, scale))
 
 static int read_address(PyObject *obj, void **out) {
     *out = PyLong_AsVoidPtr(obj);

@@ -92,7 +92,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
     try:
-        result = inspect_path(args.path, root=args.root, with_stats=not args.no_stats, progress=progress_cb)
+        result = inspect_path(
+            args.path, root=args.root, with_stats=not args.no_stats, progress=progress_cb, device=args.device
+        )
     finally:
         if bar is not None:
             bar.stop()
@@ -265,6 +267,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     logs.configure()
     log = logging.getLogger("ckptscope")
+    if settings.stats_device:
+        from app.stats.device_engine import resolve_device
+
+        try:
+            resolve_device(settings.stats_device)
+        except RuntimeError as exc:
+            print(f"ckptscope: CKPTSCOPE_STATS_DEVICE: {exc}", file=sys.stderr)
+            return 2
     if settings.api_token:
         log.info(f"authentication on: every page and API call needs the token; serving on {host}:{port}")
     else:
@@ -304,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--root", default=None, help="key path of the tensor dict to show (nested checkpoints)")
     p.add_argument("--no-stats", action="store_true", help="list only; never read tensor data")
+    p.add_argument(
+        "--device", default=None, help="compute stats on this torch device (cuda, auto) instead of the CPU kernel"
+    )
     p.set_defaults(func=_cmd_inspect)
     e = sub.add_parser("export", help="write selected modules as a new checkpoint (bytes streamed)")
     e.add_argument("path")

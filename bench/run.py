@@ -200,7 +200,9 @@ def machine() -> dict:
     )
     import torch
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
+        "gpu": gpu,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "mem_gib": round(mem / 1024**2, 1),
@@ -267,6 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "f32x4" in files:
         r["stats"]["ckptscope_f32x4"] = measure(max(1, n // 2), "stats_ckptscope", str(files["f32x4"]))
+    if r["machine"].get("gpu"):  # the optional CUDA path (CKPTSCOPE_STATS_DEVICE=cuda), reported apart
+        r["stats"]["cuda_f32"] = measure(n, "stats_ckptscope", str(files["f32"]), "cuda")
     print("whole tools (ckptscope inspect vs weightlens)…", flush=True)
     lens = shutil.which("lens", path=str(Path(PY).parent))
     r["tools"] = {
@@ -349,7 +353,13 @@ def report(r: dict) -> str:
         "# ckptscope benchmarks",
         "",
         f"Measured {r['date']} by `make bench` on {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, "
-        f"Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}. No GPU (no CUDA stats path was measured).",
+        f"Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}. "
+        + (
+            f"GPU: {m['gpu']} (the CUDA stats path is measured below)."
+            if m.get("gpu")
+            else "No GPU: the optional CUDA stats path (`CKPTSCOPE_STATS_DEVICE=cuda`) was not measured; "
+            "its code is tested on the CPU device."
+        ),
         f"Medians of {r['runs']} fresh processes after a warm-up run (page cache warm). RSS is the peak of the "
         "operation above the process's baseline after its imports (after `import torch` where torch is used).",
         "",
@@ -395,6 +405,12 @@ def report(r: dict) -> str:
         lines.append(
             f"| ckptscope, 8 GB fp32 safetensors | {x4['seconds']:.2f} s | {_gbps(x4['bytes'], x4['seconds']):.2f}"
             f" GB/s | {x4['grown_mib']:.0f} MiB |"
+        )
+    if "cuda_f32" in S:
+        cu = S["cuda_f32"]
+        lines.append(
+            f"| ckptscope CUDA path (`CKPTSCOPE_STATS_DEVICE=cuda`), 2 GB fp32 | {cu['seconds']:.2f} s | "
+            f"{_gbps(cu['bytes'], cu['seconds']):.2f} GB/s | {cu['grown_mib']:.0f} MiB |"
         )
     lines += [
         f"| naive loop (`safe_open` + one torch op per stat), 2 GB | {S['naive_f32']['seconds']:.2f} s | "

@@ -86,3 +86,55 @@ def test_request_ids_are_echoed_or_made(tmp_path):
         assert c.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
         made = c.get("/healthz", headers={"X-Request-ID": "<bad id>"}).headers["x-request-id"]
         assert made != "<bad id>" and len(made) == 32
+
+
+def test_stats_device_setting_selects_the_device_engine(tmp_path):
+    """CKPTSCOPE_STATS_DEVICE runs stats on a torch device; "cpu" runs the CUDA path's code on the
+    CPU device, and its results match the host kernel's."""
+    torch.manual_seed(2)
+    path = f.save_torch(
+        {"w": torch.randn(300, 200), "b": torch.randn(200), "n": torch.tensor([1.0, float("nan")])}, tmp_path / "m.pt"
+    )
+    results = {}
+    for device in ("", "cpu"):
+        with make_client(tmp_path / f"data-{device or 'host'}", stats_device=device) as c:
+            assert c.app.state.core.jobs.device == (device or None)
+            cid = upload(c, path).json()["id"]
+            wait_stats(c, cid)
+            results[device] = {
+                t["name"]: t["stats"] for t in c.get(f"/api/v1/checkpoints/{cid}/tensors").json()["tensors"]
+            }
+    for name, host in results[""].items():
+        dev = results["cpu"][name]
+        assert dev["hist"] == host["hist"] and dev["nan"] == host["nan"] and dev["zeros"] == host["zeros"]
+        for key in ("mean", "std", "min", "max", "l2"):
+            expected = host[key] if host[key] is None else pytest.approx(host[key], rel=1e-9, abs=1e-12)
+            assert dev[key] == expected, (name, key)
+
+
+def test_stats_device_names_are_checked_at_start():
+    from app.stats.device_engine import resolve_device
+
+    assert resolve_device("") is None and resolve_device("host") is None
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else None)
+    assert resolve_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(RuntimeError):
+        resolve_device("warp-drive")
+
+
+def test_serve_refuses_a_stats_device_it_does_not_have(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(tmp_path / "d"), "CKPTSCOPE_STATS_DEVICE": "warp-drive"}
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("ckptscope: CKPTSCOPE_STATS_DEVICE:")

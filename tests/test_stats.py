@@ -63,6 +63,12 @@ def assert_stats_match(stats: TensorStats, t: torch.Tensor, name: str = "", copi
     json.dumps(got, allow_nan=False)
 
 
+@pytest.fixture(params=[None, "cpu"], ids=["kernel", "device-engine-on-cpu"])
+def device(request):
+    """None: the host C kernel; "cpu": the device engine (the CUDA path's code) on the CPU device."""
+    return request.param
+
+
 def stats_of(tmp_path, tensors: dict[str, torch.Tensor], fmt: str = "safetensors", **kwargs):
     if fmt == "safetensors":
         path = f.save_safetensors(tensors, tmp_path / "t.safetensors")
@@ -89,15 +95,15 @@ DTYPE_CASES = {
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CASES))
-def test_every_dtype_matches_torch(tmp_path, dtype):
+def test_every_dtype_matches_torch(tmp_path, dtype, device):
     torch.manual_seed(3)
     t = DTYPE_CASES[dtype]()
-    stats = stats_of(tmp_path, {"t": t})["t"]
+    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
     assert_stats_match(stats, t, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CASES))
-def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype):
+def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype, device):
     """Tensors above SMALL_ELEMENTS go chunk by chunk through the C kernel, not the batch path."""
     torch.manual_seed(5)
     copies = SMALL_ELEMENTS // 300
@@ -106,7 +112,7 @@ def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype):
     if t.is_floating_point():
         t[:50] = 0.0
         t[50:90] = -0.0  # a zero too, with its sign bit set
-    stats = stats_of(tmp_path, {"t": t})["t"]
+    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
     assert_stats_match(stats, t, dtype, copies)
 
 
@@ -119,43 +125,43 @@ def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype):
         [5.0, float("nan"), 0.0, float("-inf"), -0.0, 7.0],  # non-finite beside zeros of both signs
     ],
 )
-def test_kernel_edge_ranges(tmp_path, values):
+def test_kernel_edge_ranges(tmp_path, values, device):
     copies = SMALL_ELEMENTS // len(values) + 7
     t = torch.tensor(values, dtype=torch.float32).repeat(copies)
-    stats = stats_of(tmp_path, {"t": t})["t"]
+    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
     assert_stats_match(stats, t, copies=copies)
     assert sum(stats.hist) == stats.numel - stats.nan - stats.inf
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
-def test_multi_chunk_tensor_with_nan_and_inf(tmp_path, fmt):
+def test_multi_chunk_tensor_with_nan_and_inf(tmp_path, fmt, device):
     torch.manual_seed(4)
     t = torch.randn(CHUNK_ELEMENTS * 2 + 12345)
     t[7] = float("nan")
     t[CHUNK_ELEMENTS + 3] = float("inf")
     t[-1] = float("-inf")
     t[100:200] = 0
-    stats = stats_of(tmp_path, {"t": t}, fmt)["t"]
+    stats = stats_of(tmp_path, {"t": t}, fmt, device=device)["t"]
     assert stats.nan == 1 and stats.inf == 2 and stats.zeros == 100
     assert_stats_match(stats, t)
 
 
-def test_all_nan_tensor_has_counts_and_no_values(tmp_path):
+def test_all_nan_tensor_has_counts_and_no_values(tmp_path, device):
     t = torch.full((10,), float("nan"))
-    stats = stats_of(tmp_path, {"t": t})["t"]
+    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
     assert stats.nan == 10
     assert stats.to_json()["mean"] is None and stats.to_json()["std"] is None
     assert json.dumps(stats.to_json(), allow_nan=False)
 
 
-def test_huge_values_do_not_overflow_float32_squares(tmp_path):
+def test_huge_values_do_not_overflow_float32_squares(tmp_path, device):
     t = torch.randn(50000) * 1e30
-    assert_stats_match(stats_of(tmp_path, {"t": t})["t"], t)
+    assert_stats_match(stats_of(tmp_path, {"t": t}, device=device)["t"], t)
 
 
-def test_empty_scalar_and_constant_tensors(tmp_path):
+def test_empty_scalar_and_constant_tensors(tmp_path, device):
     tensors = {"empty": torch.zeros(0, 5), "scalar": torch.tensor(-2.5), "const": torch.full((100,), 7.0)}
-    stats = stats_of(tmp_path, tensors)
+    stats = stats_of(tmp_path, tensors, device=device)
     assert stats["empty"].numel == 0 and stats["empty"].mean is None and sum(stats["empty"].hist) == 0
     assert stats["scalar"].mean == -2.5 and stats["scalar"].std is None and stats["scalar"].hist[0] == 1
     assert stats["const"].std == 0.0 and stats["const"].hist[0] == 100
@@ -163,7 +169,7 @@ def test_empty_scalar_and_constant_tensors(tmp_path):
         assert_stats_match(stats[name], tensors[name], name)
 
 
-def test_views_transposed_gapped_and_expanded(tmp_path):
+def test_views_transposed_gapped_and_expanded(tmp_path, device):
     torch.manual_seed(5)
     base = torch.randn(300, 400)
     views = {
@@ -173,7 +179,7 @@ def test_views_transposed_gapped_and_expanded(tmp_path):
         "expanded": torch.randn(1, 400).expand(2000, 400),
         "expanded_middle": torch.randn(3, 1, 5).expand(3, 1000, 5),
     }
-    stats = stats_of(tmp_path, views, "zip")
+    stats = stats_of(tmp_path, views, "zip", device=device)
     for name, view in views.items():
         assert stats[name].numel == view.numel()
         assert_stats_match(stats[name], view, name)
@@ -206,8 +212,8 @@ def test_progress_reports_bytes_up_to_total(tmp_path):
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
-def test_complex_tensors_are_listed_but_not_summarised(tmp_path):
-    stats = stats_of(tmp_path, {"c": torch.randn(4, dtype=torch.complex64)}, "zip")["c"]
+def test_complex_tensors_are_listed_but_not_summarised(tmp_path, device):
+    stats = stats_of(tmp_path, {"c": torch.randn(4, dtype=torch.complex64)}, "zip", device=device)["c"]
     assert stats.numel == 4 and stats.mean is None and "complex64" in stats.note
 
 

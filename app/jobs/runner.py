@@ -45,9 +45,18 @@ class JobRunner:
         self._active: dict[str, tuple[str, Future[None]]] = {}  # content key -> (job id, future)
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self.device: str | None = None  # where stats are computed: None = the CPU kernel
+
+    def _resolve_device(self) -> None:
+        from app.stats.device_engine import describe, resolve_device
+
+        self.device = resolve_device(self.core.settings.stats_device)
+        if self.device is not None:
+            log.info("stats are computed on %s", describe(self.device))
 
     def start(self) -> None:
         """Queue stats that earlier runs left unfinished, then keep sweeping for abandoned work."""
+        self._resolve_device()
         self.sweep()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="ckptscope-sweeper", daemon=True)
         self._sweeper.start()
@@ -202,6 +211,7 @@ class JobRunner:
                 workers=self.core.settings.stats_workers,
                 progress=progress,
                 cancelled=cancelled,
+                device=self.device,
             )
             updated = save_stats(self.core, key, {pos: stats[info.name] for pos, info in infos})
             if not self._set_own_content(key, stats_state="done", stats_owner=None) or (infos and not updated):

@@ -60,12 +60,14 @@ def inspect_path(
     root: str | None = None,
     with_stats: bool = True,
     progress: Any = None,
+    device: str | None = None,
 ) -> Inspection:
     ckpt = open_checkpoint(path)
     tensors = ckpt.root_tensors(root)
     stats = None
     if with_stats:
-        from app.stats.engine import compute_stats  # imports torch: only when stats are wanted
+        from app.stats.device_engine import resolve_device  # imports torch: only when stats are wanted
+        from app.stats.engine import compute_stats
 
-        stats = compute_stats(tensors, progress=progress)
+        stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
     return Inspection(ckpt, ckpt.default_root if root is None else root, tensors, stats, build_tree(tensors, stats))

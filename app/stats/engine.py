@@ -28,6 +28,7 @@ from app.formats.model import DTYPES, TensorInfo
 from app.formats.tensor_views import row_blocks, storage_tensor
 
 from . import _kernel
+from .device_engine import tensor_stats_on_device
 from .model import HIST_BINS, TensorStats
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: fewer Python round trips; the kernel streams it anyway
@@ -219,11 +220,18 @@ class _Accumulator:
         return stats
 
 
+def unsupported_note(info: TensorInfo) -> str | None:
+    """Why no statistics are computed for this tensor's dtype, if they are not."""
+    if DTYPES[info.dtype].category == "complex" or info.dtype not in _TORCH_DTYPES:
+        return f"statistics are not computed for {info.dtype} tensors"
+    return None
+
+
 def tensor_stats(mm: mmap.mmap | None, info: TensorInfo, bufs: _Buffers | None = None) -> TensorStats:
     """Statistics of one tensor whose bytes lie in ``mm`` (the mmap of ``info.storage.path``)."""
-    category = DTYPES[info.dtype].category
-    if category == "complex" or info.dtype not in _TORCH_DTYPES:
-        return TensorStats(numel=info.numel, note=f"statistics are not computed for {info.dtype} tensors")
+    note = unsupported_note(info)
+    if note is not None:
+        return TensorStats(numel=info.numel, note=note)
     plan = plan_view(info)
     if info.numel == 0 or mm is None:
         return TensorStats(numel=info.numel)
@@ -252,7 +260,7 @@ def _batchable(info: TensorInfo) -> bool:
     return plan.dense and plan.factor == 1
 
 
-def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo]) -> list[TensorStats]:
+def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None = None) -> list[TensorStats]:
     """Statistics of many small dense tensors of one file at once: per-tensor Python work would
     dominate (~0.3 ms each), so values are gathered into one float64 vector with segment ids and
     every statistic is a segmented reduction. Same definitions, float64 throughout."""
@@ -269,18 +277,18 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo]) -> list[TensorStats]
             pieces.append(_range(mm, run_dtype, run_start, run_end))
         run_dtype, run_start, run_end = t.dtype, start, start + t.nbytes
     pieces.append(_range(mm, run_dtype, run_start, run_end))
-    x = torch.cat([p.to(torch.float64) for p in pieces])
-    counts = torch.tensor([t.numel for t in infos], dtype=torch.int64)
-    seg = torch.repeat_interleave(torch.arange(k), counts)
+    x = torch.cat([p.to(torch.float64) for p in pieces]).to(device or "cpu")
+    counts = torch.tensor([t.numel for t in infos], dtype=torch.int64, device=x.device)
+    seg = torch.repeat_interleave(torch.arange(k, device=x.device), counts)
 
     def per_tensor(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(k, dtype=torch.float64).index_add_(0, seg, values)
+        return torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, seg, values)
 
     finite = torch.isfinite(x)
     clean = bool(finite.all())
     nonzero = per_tensor((x != 0).to(torch.float64))
     if clean:
-        nan = inf = torch.zeros(k, dtype=torch.float64)
+        nan = inf = torch.zeros(k, dtype=torch.float64, device=x.device)
         xf = x
     else:
         nan = per_tensor(torch.isnan(x).to(torch.float64))
@@ -295,10 +303,10 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo]) -> list[TensorStats]
     delta = per_tensor(d) / safe_n
     css = (per_tensor(d * d) - nf * delta * delta).clamp(min=0)
     mean = mean + delta
-    lo = torch.full((k,), math.inf, dtype=torch.float64).scatter_reduce_(
+    lo = torch.full((k,), math.inf, dtype=torch.float64, device=x.device).scatter_reduce_(
         0, seg, x if clean else torch.where(finite, x, math.inf), "amin"
     )
-    hi = torch.full((k,), -math.inf, dtype=torch.float64).scatter_reduce_(
+    hi = torch.full((k,), -math.inf, dtype=torch.float64, device=x.device).scatter_reduce_(
         0, seg, x if clean else torch.where(finite, x, -math.inf), "amax"
     )
     width = hi - lo
@@ -371,8 +379,10 @@ def compute_stats(
     workers: int = 2,
     progress: Progress | None = None,
     cancelled: Callable[[], bool] | None = None,
+    device: str | None = None,
 ) -> dict[str, TensorStats]:
-    """Stats for every tensor, keyed by name. Tensors viewing the same data are computed once."""
+    """Stats for every tensor, keyed by name. Tensors viewing the same data are computed once.
+    ``device``: None for the host kernel, or a torch device (``"cuda"``) for device_engine."""
     unique: dict[tuple[object, ...], TensorInfo] = {}
     for t in tensors:
         unique.setdefault(t.view_key, t)
@@ -398,9 +408,12 @@ def compute_stats(
         nonlocal done
         if cancelled is not None and cancelled():
             raise StatsCancelled()
-        if not hasattr(local, "bufs"):
-            local.bufs = _Buffers()
-        stats = tensor_stats(maps.get(info.storage.path), info, local.bufs)
+        if device is not None:
+            stats = tensor_stats_on_device(device, maps.get(info.storage.path), info)
+        else:
+            if not hasattr(local, "bufs"):
+                local.bufs = _Buffers()
+            stats = tensor_stats(maps.get(info.storage.path), info, local.bufs)
         with lock:
             results[info.view_key] = stats
             done += info.nbytes
@@ -413,7 +426,7 @@ def compute_stats(
             raise StatsCancelled()
         mm = maps.get(batch[0].storage.path)
         assert mm is not None
-        stats = batch_stats(mm, batch)
+        stats = batch_stats(mm, batch, device)
         with lock:
             for info, st in zip(batch, stats, strict=True):
                 results[info.view_key] = st

@@ -129,12 +129,16 @@ class BlobStore:
         pin = self.pin_dir / f"{sha}.{uuid.uuid4().hex}"
         with self._locked():
             pin.touch()
-            if final.exists():
-                temp.unlink()
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, final)
-                _fsync_dir(final.parent)
+            try:
+                if final.exists():
+                    temp.unlink()
+                else:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(temp, final)
+                    _fsync_dir(final.parent)
+            except BaseException:
+                pin.unlink(missing_ok=True)
+                raise
         return Blob(sha, size, final, pin)
 
     def unpin(self, blob: Blob) -> None:
@@ -170,12 +174,14 @@ class BlobStore:
         return True
 
     def clean_tmp(self, older_than_s: float = 6 * 3600) -> None:
-        """Remove temp files a crashed process left behind (called at start-up). Only old ones:
-        another server process sharing the data directory may be mid-upload."""
-        cutoff = time.time() - older_than_s
-        for leftover in self.tmp_dir.glob("upload-*"):
+        """Remove temp files and pins a crashed process left behind (called at start-up). Only old
+        ones: another server process sharing the data directory may be mid-upload."""
+        now = time.time()
+        leftovers = [(p, older_than_s) for p in self.tmp_dir.glob("upload-*")]
+        leftovers += [(p, PIN_TTL_S) for p in self.pin_dir.iterdir()]
+        for leftover, max_age in leftovers:
             try:
-                if leftover.stat().st_mtime < cutoff:
+                if leftover.stat().st_mtime < now - max_age:
                     leftover.unlink()
             except FileNotFoundError:
                 pass

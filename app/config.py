@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 50 * 1024**3
     api_token: str | None = None
     stats_workers: int = 2
+    job_stale_s: float = 60.0  # a stats claim not renewed this long is taken over by another process
     stats_device: str = ""  # "" = the CPU kernel; "cuda", "cuda:N" or "auto" (CUDA when present)
     parse_memory_bytes: int = 2 * 1024**3
     parse_cpu_seconds: int = 60

@@ -41,8 +41,8 @@ def shared(tmp_path):
 def servers(shared):
     started: list[Server] = []
 
-    def start(slow_stats_s: float = 0.0) -> Server:
-        srv = Server(shared[0], shared[1], slow_stats_s=slow_stats_s)
+    def start(slow_stats_s: float = 0.0, **env: str) -> Server:
+        srv = Server(shared[0], {**shared[1], **env}, slow_stats_s=slow_stats_s)
         started.append(srv)
         return srv
 
@@ -166,11 +166,27 @@ def test_graceful_shutdown_abandons_a_running_job_and_the_next_start_finishes_it
     assert "abandoned" in a.log()
     b = servers()
     body = stats_done(b, ck["id"])  # picked up at start, computed by the new process
-    assert b.get(f"/api/v1/jobs/{ck['job_id']}")["state"] == "queued"  # the abandoned one
+    assert b.get(f"/api/v1/jobs/{ck['job_id']}")["state"] == "abandoned"  # ended, with a finish time
+    assert b.get(f"/api/v1/jobs/{ck['job_id']}")["finished_at"] is not None
     assert body["job_id"] != ck["job_id"]
     assert b.get(f"/api/v1/jobs/{body['job_id']}")["state"] == "done"
     tensors = b.get(f"/api/v1/checkpoints/{ck['id']}/tensors?limit=100")["tensors"]
     assert len(tensors) == 40 and all(t["stats"] is not None for t in tensors)
+
+
+def test_work_of_a_crashed_process_is_taken_over(tmp_path, shared, servers):
+    a = servers(slow_stats_s=0.2)
+    ck = a.upload(slow_checkpoint(tmp_path))
+    wait_for(lambda: a.get(f"/api/v1/jobs/{ck['job_id']}")["state"] == "running", what="job start")
+    a.proc.kill()  # SIGKILL: no shutdown; its claim stays "running" and stops being renewed
+    a.proc.wait(timeout=20)
+    b = servers(CKPTSCOPE_JOB_STALE_S="2")
+    body = stats_done(b, ck["id"])
+    assert body["job_id"] != ck["job_id"]
+    assert b.get(f"/api/v1/jobs/{ck['job_id']}")["state"] == "abandoned"
+    assert b.get(f"/api/v1/jobs/{body['job_id']}")["state"] == "done"
+    tensors = b.get(f"/api/v1/checkpoints/{ck['id']}/tensors?limit=100")["tensors"]
+    assert all(t["stats"] is not None for t in tensors)
 
 
 def test_processes_starting_together_migrate_the_schema_once(shared):

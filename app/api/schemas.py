@@ -55,7 +55,10 @@ class TensorDetailOut(TensorOut):
 class JobOut(BaseModel):
     id: str
     kind: str
-    state: str = Field(description="queued, running, done, failed or cancelled")
+    state: str = Field(
+        description="queued, running, done, failed, cancelled (checkpoint deleted) or abandoned (the server "
+        "stopped; the checkpoint's job_id then names the job that finishes the work)"
+    )
     done: int
     total: int
     progress: float

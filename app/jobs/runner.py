@@ -6,7 +6,8 @@ now, and only succeeds while nobody else holds a fresh claim. The owner renews t
 works; the same UPDATE tells it when the content was deleted (by any process) or taken over, and
 the job then stops at the next tensor. A sweeper thread picks up work that a crashed or stopped
 process left behind (pending or running with a stale heartbeat). On shutdown a running job stops at
-the next tensor and its content goes back to "pending" for whichever process runs next.
+the next tensor, the job ends "abandoned", and its content goes back to "pending" for whichever
+process runs next (under a new job, which the checkpoint's ``job_id`` then names).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckptscope.jobs")
 PROGRESS_INTERVAL_S = 0.25
-HEARTBEAT_S = 1.0  # how often a running job renews its claim (and checks it still has one)
-STALE_S = 60.0  # a claim not renewed for this long belongs to a process that is gone
-SWEEP_S = 20.0  # how often to look for abandoned work
+# A claim not renewed for settings.job_stale_s (default 60 s) belongs to a process that is gone.
+# A running job renews it (and checks it still holds it) every stale/8 s, at most every second;
+# the sweeper looks for abandoned work every stale/3 s.
 
 
 class JobRunner:
@@ -46,6 +47,8 @@ class JobRunner:
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.device: str | None = None  # where stats are computed: None = the CPU kernel
+        self.stale_s = core.settings.job_stale_s
+        self.heartbeat_s = min(1.0, self.stale_s / 8)
 
     def _resolve_device(self) -> None:
         from app.stats.device_engine import describe, resolve_device
@@ -62,7 +65,7 @@ class JobRunner:
         self._sweeper.start()
 
     def sweep(self) -> None:
-        stale = utcnow() - timedelta(seconds=STALE_S)
+        stale = utcnow() - timedelta(seconds=self.stale_s)
         with self.core.catalogue.session() as session:
             keys = list(
                 session.scalars(
@@ -73,10 +76,24 @@ class JobRunner:
                 )
             )
         for key in keys:
+            if self._is_active(key):
+                continue
+            # the jobs that left this work unfinished (a stopped or crashed process) end here
+            with self.core.catalogue.engine.begin() as conn:
+                conn.execute(
+                    update(Job)
+                    .where(Job.content_key == key, Job.state.in_(("queued", "running")))
+                    .values(state="abandoned", finished_at=utcnow())
+                )
             self.submit_stats(key)
 
+    def _is_active(self, content_key: str) -> bool:
+        with self._lock:
+            active = self._active.get(content_key)
+            return active is not None and not active[1].done()
+
     def _sweep_loop(self) -> None:
-        while not self._stopping.wait(SWEEP_S):
+        while not self._stopping.wait(self.stale_s / 3):
             try:
                 self.sweep()
             except Exception:  # the database may be briefly unreachable; try again next time
@@ -126,12 +143,17 @@ class JobRunner:
             self._cancelled.add(content_key)
 
     def shutdown(self) -> None:
-        """Abandon running jobs cleanly: they stop at the next tensor and stay queued for the next start."""
+        """Abandon jobs cleanly: a running one stops at the next tensor; it and the queued ones end
+        "abandoned", and their checkpoints go back to pending for the next process to finish."""
         self._stopping.set()
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            never_started = [job_id for job_id, future in self._active.values() if future.cancelled()]
+        for job_id in never_started:
+            self._set_job(job_id, state="abandoned", finished_at=utcnow())
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
 
@@ -150,7 +172,7 @@ class JobRunner:
             return result.rowcount == 1
 
     def _claim(self, key: str) -> bool:
-        stale = utcnow() - timedelta(seconds=STALE_S)
+        stale = utcnow() - timedelta(seconds=self.stale_s)
         claimable = or_(
             Content.stats_state.in_(("pending", "failed")),
             and_(
@@ -174,7 +196,8 @@ class JobRunner:
 
         try:
             if self._stopping.is_set():
-                return  # the job row stays queued; the content stays pending
+                self._set_job(job_id, state="abandoned", finished_at=utcnow())  # the content stays pending
+                return
             if not self._claim(key):
                 # done meanwhile, deleted, or another process holds a fresh claim: its job is the one to show
                 with self.core.catalogue.engine.begin() as conn:
@@ -200,7 +223,7 @@ class JobRunner:
                 if self._stopping.is_set() or key in self._cancelled or lost:
                     return True
                 now = time.monotonic()
-                if now - last_beat >= HEARTBEAT_S:
+                if now - last_beat >= self.heartbeat_s:
                     last_beat = now
                     lost = not self._set_own_content(key, stats_heartbeat=utcnow())  # deleted or taken over
                 return lost
@@ -225,7 +248,7 @@ class JobRunner:
         except StatsCancelled:
             if self._stopping.is_set():  # shutting down: leave it for the next process to pick up
                 self._set_own_content(key, stats_state="pending", stats_owner=None, stats_heartbeat=None)
-                self._set_job(job_id, state="queued")
+                self._set_job(job_id, state="abandoned", finished_at=utcnow())
                 state = "abandoned"
             else:
                 self._set_job(job_id, state="cancelled", finished_at=utcnow())

@@ -13,16 +13,16 @@ a deletion in one process can never remove the bytes another process is about to
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .file_lock import file_lock
 
 PIN_TTL_S = 24 * 3600  # a pin older than this was left by a crashed process
 
@@ -113,21 +113,11 @@ class BlobStore:
                 size += len(chunk)
         return self._place(temp, digest.hexdigest(), size)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The store's lock, across threads and processes (each use opens its own descriptor)."""
-        with self.lock_path.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _place(self, temp: Path, sha: str, size: int) -> Blob:
         """Pin the blob and move the finished temp file into place (or drop it: same bytes there)."""
         final = self.path_for(sha)
         pin = self.pin_dir / f"{sha}.{uuid.uuid4().hex}"
-        with self._locked():
+        with file_lock(self.lock_path):
             pin.touch()
             try:
                 if final.exists():
@@ -156,14 +146,11 @@ class BlobStore:
                 pass
         return False
 
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).exists()
-
     def delete_unless(self, sha256: str, referenced: Callable[[], bool]) -> bool:
         """Delete a blob unless it is pinned or ``referenced()`` (asked under the lock, so nothing
         can pin it meanwhile). Returns whether it was deleted."""
         path = self.path_for(sha256)
-        with self._locked():
+        with file_lock(self.lock_path):
             if self._pinned(sha256) or referenced():
                 return False
             path.unlink(missing_ok=True)

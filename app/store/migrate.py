@@ -8,7 +8,6 @@ revision, then upgraded.
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
+
+from .file_lock import file_lock
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST_REVISION = "0001"
@@ -61,13 +62,8 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
         with engine.connect() as conn:
             yield conn
         return
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            with engine.connect() as conn:
-                yield conn
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(lock_path), engine.connect() as conn:
+        yield conn
 
 
 def upgrade(engine: Engine) -> str:

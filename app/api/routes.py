@@ -35,21 +35,29 @@ PROBLEM = {"content": {"application/problem+json": {}}}
 ERRORS: dict[int | str, dict[str, Any]] = {404: {**PROBLEM, "description": "unknown id or name"}}
 
 
-def checkpoint_out(core: Core, row: Checkpoint, content: Content, job_id: str | None = None) -> dict[str, Any]:
-    """``job_id``: the content's newest stats job when the caller already looked it up."""
-    return {
-        "id": row.id,
-        "name": row.name,
-        "sha256": content.key,
-        "format": content.format,
-        "tensor_count": content.tensor_count,
-        "total_bytes": content.total_bytes,
-        "size_bytes": row.size_bytes,
-        "created_at": row.created_at,
-        "origin": row.origin,
-        "stats_state": content.stats_state,
-        "job_id": job_id or core.jobs.job_for(content.key),
-    }
+def checkpoints_out(core: Core, pairs: list[tuple[Checkpoint, Content]]) -> list[dict[str, Any]]:
+    """Checkpoints as the API shows them; the newest stats job of every one in a single query."""
+    jobs = core.jobs.jobs_for([content.key for _, content in pairs])
+    return [
+        {
+            "id": row.id,
+            "name": row.name,
+            "sha256": content.key,
+            "format": content.format,
+            "tensor_count": content.tensor_count,
+            "total_bytes": content.total_bytes,
+            "size_bytes": row.size_bytes,
+            "created_at": row.created_at,
+            "origin": row.origin,
+            "stats_state": content.stats_state,
+            "job_id": jobs.get(content.key),
+        }
+        for row, content in pairs
+    ]
+
+
+def checkpoint_out(core: Core, row: Checkpoint, content: Content) -> dict[str, Any]:
+    return checkpoints_out(core, [(row, content)])[0]
 
 
 def job_out(job: Job) -> dict[str, Any]:
@@ -109,9 +117,7 @@ async def upload_checkpoint(
 
 @router.get("/checkpoints", response_model=list[schemas.CheckpointOut])
 def list_checkpoints(core: CoreDep) -> list[dict[str, Any]]:
-    rows = svc.list_checkpoints(core)
-    jobs = core.jobs.jobs_for([content.key for _, content in rows])
-    return [checkpoint_out(core, row, content, jobs.get(content.key)) for row, content in rows]
+    return checkpoints_out(core, svc.list_checkpoints(core))
 
 
 @router.get("/checkpoints/{checkpoint_id}", response_model=schemas.CheckpointDetailOut, responses=ERRORS)

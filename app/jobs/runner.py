@@ -76,7 +76,7 @@ class JobRunner:
                 )
             )
         for key in keys:
-            if self._is_active(key):
+            if self._active_job(key) is not None:
                 continue
             # the jobs that left this work unfinished (a stopped or crashed process) end here
             with self.core.catalogue.engine.begin() as conn:
@@ -87,10 +87,11 @@ class JobRunner:
                 )
             self.submit_stats(key)
 
-    def _is_active(self, content_key: str) -> bool:
+    def _active_job(self, content_key: str) -> str | None:
+        """The id of this process's queued or running job for the content, if any."""
         with self._lock:
             active = self._active.get(content_key)
-            return active is not None and not active[1].done()
+            return active[0] if active is not None and not active[1].done() else None
 
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(self.stale_s / 3):
@@ -106,10 +107,10 @@ class JobRunner:
             return self._pool
 
     def submit_stats(self, content_key: str) -> str:
+        active = self._active_job(content_key)
+        if active is not None:
+            return active
         with self._lock:
-            active = self._active.get(content_key)
-            if active is not None and not active[1].done():
-                return active[0]
             self._cancelled.discard(content_key)
         with self.core.catalogue.session() as session, session.begin():
             job = Job(kind="stats", content_key=content_key, state="queued")

@@ -40,7 +40,11 @@ def probe(task: str, *args: str) -> dict:
 def measure(runs: int, task: str, *args: str, warm: bool = True) -> dict:
     if warm:
         probe(task, *args)
-    results = [probe(task, *args) for _ in range(runs)]
+    return summarise([probe(task, *args) for _ in range(runs)])
+
+
+def summarise(results: list[dict]) -> dict:
+    """The first probe's fields, with medians of time and memory over all of them."""
     out = dict(results[0])
     for key in ("seconds", "peak_mib", "base_mib"):
         out[key] = statistics.median(r[key] for r in results)
@@ -114,11 +118,7 @@ def export_vs_dd(runs: int, src: Path, workdir: Path) -> dict:
         if i:
             exports.append(result)
             dds.append(dd)
-    summary = dict(exports[0])
-    for key in ("seconds", "peak_mib", "base_mib"):
-        summary[key] = statistics.median(r[key] for r in exports)
-    summary["grown_mib"] = statistics.median(r["peak_mib"] - r["base_mib"] for r in exports)
-    summary["all_seconds"] = [round(r["seconds"], 4) for r in exports]
+    summary = summarise(exports)
     summary["dd_seconds"] = statistics.median(dds)
     summary["dd_all_seconds"] = [round(d, 4) for d in dds]
     return summary

@@ -48,17 +48,16 @@ def tensor_stats_on_device(device: str, mm: mmap.mmap | None, info: TensorInfo) 
         return TensorStats(numel=info.numel)
     plan = plan_view(info)
     walker = _TensorWalker(mm, info, plan, _Buffers())
-    compute_dtype = torch.float64 if walker.upcast is walker.bufs.f64 or info.dtype == "float64" else torch.float32
-    x = torch.empty(plan.count, dtype=compute_dtype, device=device)
+    x = torch.empty(plan.count, dtype=walker.compute_dtype, device=device)
     filled = 0
     for chunk in walker.chunks():
         x[filled : filled + chunk.numel()].copy_(chunk)
         filled += chunk.numel()
     walker.release()
     acc = _Accumulator()
-    slices = x.split(DEVICE_SLICE)
+    values = []  # the finite values of each slice, for pass 2
     sums = []
-    for s in slices:  # pass 1
+    for s in x.split(DEVICE_SLICE):  # pass 1
         acc.nonzero += int(torch.count_nonzero(s))
         total = s.sum(dtype=torch.float64)
         if not math.isfinite(float(total)):
@@ -72,21 +71,21 @@ def tensor_stats_on_device(device: str, mm: mmap.mmap | None, info: TensorInfo) 
             acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
             acc.n += s.numel()
             sums.append(total)
+            values.append(s)
     if acc.n == 0:
         return acc.result(info.numel, plan.count, plan.factor, 0.0)
     acc.total = float(torch.stack(sums).sum())
     mean = acc.total / acc.n
-    scale = min(HIST_BINS / (acc.hi - acc.lo), 1e300) if acc.hi > acc.lo else 0.0
+    scale = acc.hist_scale()
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
     shift = torch.zeros((), dtype=torch.float64, device=device)
     css = torch.zeros((), dtype=torch.float64, device=device)
-    for s in slices:  # pass 2
-        if acc.nan or acc.inf:
-            s = s[torch.isfinite(s)]
-        d = s.to(torch.float64) - mean
+    for s in values:  # pass 2
+        s64 = s.to(torch.float64)
+        d = s64 - mean
         shift += d.sum()
         css += torch.dot(d, d)
-        bins = (s.to(torch.float64) - acc.lo).mul_(scale).clamp_(max=HIST_BINS - 1).to(torch.int64)
+        bins = (s64 - acc.lo).mul_(scale).clamp_(max=HIST_BINS - 1).to(torch.int64)
         hist += torch.bincount(bins, minlength=HIST_BINS)
     acc.shift, acc.css = float(shift), float(css)
     acc.hist = hist.cpu()

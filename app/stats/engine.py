@@ -105,6 +105,11 @@ class _TensorWalker:
         else:
             self.upcast = bufs.f64
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the chunks this walker yields (float32 or float64)."""
+        return self.dtype if self.upcast is None else self.upcast.dtype
+
     def _compute(self, raw: torch.Tensor) -> torch.Tensor:
         if self.upcast is None:
             return raw if raw.is_contiguous() else raw.contiguous()  # the kernel reads raw memory
@@ -187,11 +192,21 @@ class _Accumulator:
             self.hi = max(self.hi, hi)
         return finite != c.numel()
 
+    def hist_scale(self) -> float:
+        """Bins per unit: (x - lo) * scale lies in [0, 64]. The cap keeps it finite when hi - lo is
+        denormal-small; a constant tensor puts everything in bin 0."""
+        return min(HIST_BINS / (self.hi - self.lo), 1e300) if self.hi > self.lo else 0.0
+
     def pass2(self, c: torch.Tensor, dirty: bool, mean: float) -> None:
-        # (x - lo) * scale lies in [0, 64]; the cap keeps it finite when hi - lo is denormal-small
-        scale = min(HIST_BINS / (self.hi - self.lo), 1e300) if self.hi > self.lo else 0.0
         shift, css = _kernel.pass2(
-            c.data_ptr(), c.numel(), c.dtype == torch.float64, dirty, mean, self.lo, scale, self.hist.data_ptr()
+            c.data_ptr(),
+            c.numel(),
+            c.dtype == torch.float64,
+            dirty,
+            mean,
+            self.lo,
+            self.hist_scale(),
+            self.hist.data_ptr(),
         )
         self.shift += shift
         self.css += css

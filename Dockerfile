@@ -4,7 +4,8 @@
 #   docker run -p 8000:8000 -v ckpt-data:/data -e CKPTSCOPE_API_TOKEN=... ckptscope
 #
 # torch is installed exactly as CI installs it: scripts/setup.sh (which also fetches gcc here, for
-# the stats kernel; only the built module reaches the final stage), which installs
+# the optional stats kernel), which installs ckptscope as a regular (non-editable) package, so only
+# the venv reaches the final stage. It installs
 # ${TORCH_SPEC:-torch==2.13.0} before the project. To get the CPU-only build (a few hundred MB
 # instead of several GB), put CPU wheels in ./wheelhouse (pip download or copy them there): the
 # build passes it to pip as PIP_FIND_LINKS. PIP_EXTRA_INDEX_URL can point at a CPU wheel index.
@@ -21,9 +22,7 @@ ENV CKPTSCOPE_VENV=/opt/venv \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY scripts ./scripts
-COPY app ./app
-COPY templates ./templates
-COPY static ./static
+COPY ckptscope ./ckptscope
 COPY wheelhouse ./wheelhouse
 RUN bash scripts/setup.sh --runtime
 
@@ -36,8 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system ckptscope && useradd --system --gid ckptscope --home /data ckptscope \
     && mkdir -p /data && chown ckptscope:ckptscope /data
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /src /src
-WORKDIR /src
+WORKDIR /data
 USER ckptscope
 VOLUME ["/data"]
 EXPOSE 8000

@@ -7,7 +7,8 @@ test:
 	bash scripts/test.sh
 
 lint:
-	.venv/bin/ruff check app tests scripts bench
+	.venv/bin/ruff check ckptscope tests scripts bench
+	.venv/bin/mypy
 
 # Generates ~13 GB of checkpoints under bench-data/ (kept between runs) and writes BENCHMARKS.md.
 bench:

@@ -69,8 +69,8 @@ def write_safetensors(
 
 def write_torch_copy(src: Path, dst: Path) -> Path:
     """The same tensors as a torch.save-compatible zip, streamed by ckptscope's own writer."""
-    from app.formats import open_checkpoint
-    from app.formats.writers import OutputTensor, write_torch_zip
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.formats.writers import OutputTensor, write_torch_zip
 
     ckpt = open_checkpoint(src)
     write_torch_zip(dst, [OutputTensor(t.name, t) for t in ckpt.tensors], {})

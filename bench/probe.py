@@ -27,7 +27,7 @@ def _reset_peak() -> None:
 
 
 def list_ckptscope(path: str) -> dict:
-    from app.formats import open_checkpoint
+    from ckptscope.formats import open_checkpoint
 
     t = time.perf_counter()
     ckpt = open_checkpoint(path)
@@ -39,7 +39,7 @@ def list_safe_open(path: str) -> dict:
 
     t = time.perf_counter()
     with safe_open(path, "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     return {"seconds": time.perf_counter() - t, "tensors": len(shapes)}
 
 
@@ -56,8 +56,8 @@ def stats_ckptscope(path: str, device: str = "") -> dict:
     """``device``: "" for the CPU kernel, or a torch device ("cuda") for the device engine."""
     import torch  # noqa: F401  (imported before the base measurement, like the others)
 
-    from app.formats import open_checkpoint
-    from app.stats.engine import compute_stats
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.stats.engine import compute_stats
 
     ckpt = open_checkpoint(path)
     if device:
@@ -80,7 +80,7 @@ def _tensors(path: str):  # type: ignore[no-untyped-def]
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
-            for k in f.keys():  # noqa: SIM118
+            for k in f.keys():
                 yield k, f.get_tensor(k)
     else:
         yield from torch.load(path, mmap=True, weights_only=True, map_location="cpu").items()
@@ -116,7 +116,7 @@ def sum_pass(path: str) -> dict:
 
     import torch
 
-    from app.formats import open_checkpoint
+    from ckptscope.formats import open_checkpoint
 
     ckpt = open_checkpoint(path)
     with open(path, "rb") as fh, warnings.catch_warnings():
@@ -131,8 +131,8 @@ def sum_pass(path: str) -> dict:
 
 
 def export_half(path: str, out: str) -> dict:
-    from app.formats import open_checkpoint
-    from app.services.operations import plan_export, write_checkpoint
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.services.operations import plan_export, write_checkpoint
 
     ckpt = open_checkpoint(path)
     layers = sorted({int(t.name.split(".")[2]) for t in ckpt.tensors if t.name.startswith("model.layers.")})

@@ -137,7 +137,7 @@ def http_timings(path: Path, workdir: Path) -> dict:
     port = _free_port()
     env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data)}
     proc = subprocess.Popen(
-        [PY, "-m", "app.cli", "serve", "--port", str(port)],
+        [PY, "-m", "ckptscope.cli", "serve", "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -275,10 +275,10 @@ def run(args: argparse.Namespace) -> dict:
     lens = shutil.which("lens", path=str(Path(PY).parent))
     r["tools"] = {
         "ckptscope_inspect_f32": timed_command(
-            max(1, n // 2), [PY, "-m", "app.cli", "inspect", "--json", str(files["f32"])]
+            max(1, n // 2), [PY, "-m", "ckptscope.cli", "inspect", "--json", str(files["f32"])]
         ),
         "ckptscope_inspect_small": timed_command(
-            max(1, n // 2), [PY, "-m", "app.cli", "inspect", "--json", str(files["small"])]
+            max(1, n // 2), [PY, "-m", "ckptscope.cli", "inspect", "--json", str(files["small"])]
         ),
     }
     if lens:

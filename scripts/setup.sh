@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up ckptscope in a virtual environment. Used by the README, .ci/run and the Dockerfile,
 # so all three install the same way.
-#   scripts/setup.sh [--runtime]   runtime only (the Dockerfile runs exactly this)
-#   scripts/setup.sh --test        also the test tools and Debian's chromium for browser tests
+#   scripts/setup.sh [--runtime]   runtime only, a regular install (the Dockerfile runs exactly this)
+#   scripts/setup.sh --test        an editable install with the test tools and Debian's chromium for browser tests
 # Environment:
 #   CKPTSCOPE_VENV  where the venv goes (default .venv; "system" installs into the current python)
 #   TORCH_SPEC      the torch requirement installed first (default torch==2.13.0, a CPU build where
@@ -24,7 +24,7 @@ else
     fi
     py="$venv/bin/python"
 fi
-# The stats kernel (app/stats/_kernel.c) is compiled at install: a C compiler is needed. The
+# The stats kernel (ckptscope/stats/_kernel.c) is compiled at install: a C compiler is needed. The
 # Dockerfile's slim build stage has none, so as root it comes from Debian's packages.
 if ! command -v cc >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -47,6 +47,6 @@ if [ "$with_tests" = 1 ]; then
         fi
     fi
 else
-    pip_install -e .
+    pip_install .  # a regular install: the package carries its templates, static files and kernel
 fi
 echo "setup: ready ($py)"

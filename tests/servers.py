@@ -32,7 +32,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
         full_env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data_dir), **(env or {})}
-        module = "app.cli"
+        module = "ckptscope.cli"
         if slow_stats_s:
             module = "tests.slow_server"
             full_env["CKPTSCOPE_TEST_SLOW_STATS_S"] = str(slow_stats_s)

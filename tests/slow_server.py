@@ -4,23 +4,30 @@ another process while a stats job is running. Nothing else differs from ``ckptsc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from typing import Any
 
-import app.stats.engine as engine
-from app.cli import main
+import ckptscope.jobs.runner as runner
+from ckptscope.cli import main
+from ckptscope.stats.engine import Engine, choose_engine
 
 _DELAY = float(os.environ.get("CKPTSCOPE_TEST_SLOW_STATS_S", "0.1"))
-_real_tensor_stats = engine.tensor_stats
 
 
-def _slow_tensor_stats(*args, **kwargs):  # type: ignore[no-untyped-def]
-    time.sleep(_DELAY)
-    return _real_tensor_stats(*args, **kwargs)
+def _slow_engine(device: str | None = None) -> Engine:
+    real = choose_engine(device)
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(_DELAY)
+        return real.per_tensor(*args, **kwargs)
+
+    return dataclasses.replace(real, per_tensor=slow)
 
 
-engine.tensor_stats = _slow_tensor_stats
+runner.choose_engine = _slow_engine  # type: ignore[assignment]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,8 +10,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
+from ckptscope.config import Settings
+from ckptscope.main import create_app
 from tests import factories as f
 
 
@@ -202,7 +202,7 @@ def test_nan_and_inf_never_break_json(client, tmp_path):
 
 
 def test_stats_pending_does_not_block(data_dir, tmp_path, monkeypatch):
-    from app.jobs.runner import JobRunner
+    from ckptscope.jobs.runner import JobRunner
 
     monkeypatch.setattr(JobRunner, "_run_stats", lambda self, job_id, key: None)
     with make_client(data_dir) as client:
@@ -220,7 +220,7 @@ def test_stats_survive_a_restart_and_are_not_recomputed(data_dir, tmp_path, monk
         body = upload(client, f.save_torch(f.cnn_state_dict(), tmp_path / "a.pt")).json()
         wait_stats(client, body["id"])
         before = client.get(f"/api/v1/checkpoints/{body['id']}/tensors").json()
-    import app.stats.engine as engine
+    import ckptscope.stats.engine as engine
 
     monkeypatch.setattr(engine, "compute_stats", lambda *a, **k: pytest.fail("stats recomputed"))
     with make_client(data_dir) as client:
@@ -299,7 +299,11 @@ def test_health_openapi_docs_and_security_headers(client):
 
 def test_no_cdn_anywhere():
     root = Path(__file__).resolve().parent.parent
-    for path in [*root.glob("templates/*.html"), *root.glob("static/*.js"), *root.glob("app/**/*.py")]:
+    for path in [
+        *root.glob("ckptscope/web/templates/*.html"),
+        *root.glob("ckptscope/web/static/*.js"),
+        *root.glob("ckptscope/**/*.py"),
+    ]:
         text = path.read_text()
         for host in ("cdn.", "jsdelivr", "unpkg", "cdnjs"):
             assert host not in text, f"{path} mentions {host}"

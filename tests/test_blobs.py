@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from app.store.blobs import PIN_TTL_S, BlobStore
+from ckptscope.store.blobs import PIN_TTL_S, BlobStore
 
 
 def write(store: BlobStore, data: bytes):

@@ -13,7 +13,7 @@ from tests import factories as f
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "ckptscope.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_inspect_json_has_tensors_stats_and_tree(tmp_path):

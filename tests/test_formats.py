@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.formats import CheckpointError, open_checkpoint, sniff
+from ckptscope.errors import UnknownRoot
+from ckptscope.formats import CheckpointError, open_checkpoint, sniff
 from tests import factories as f
 
 
@@ -107,7 +108,7 @@ def test_nested_training_checkpoint_roots_and_metadata(tmp_path):
     assert ckpt.metadata["optimizer.param_groups.0.lr"] == 1e-3
     everything = _by_name(ckpt, "")
     assert "state_dict.head.weight" in everything and "optimizer.state.0.exp_avg" in everything
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownRoot):
         ckpt.root_tensors("nope")
 
 

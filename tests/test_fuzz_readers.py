@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.formats import CheckpointError, open_checkpoint
-from app.stats.engine import compute_stats
+from ckptscope.formats import CheckpointError, open_checkpoint
+from ckptscope.stats.engine import compute_stats
 
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True

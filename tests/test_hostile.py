@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.formats import CheckpointError, open_checkpoint
+from ckptscope.formats import CheckpointError, open_checkpoint
 from tests.conftest import database_env
 from tests.hostile_corpus import Case, build_corpus, positive_control
 from tests.servers import Server

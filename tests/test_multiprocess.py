@@ -20,9 +20,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from app.config import Settings
-from app.store.catalogue import Base, Catalogue, make_engine
-from app.store.migrate import head_revision, upgrade
+from ckptscope.config import Settings
+from ckptscope.store.catalogue import Base, Catalogue, make_engine
+from ckptscope.store.migrate import head_revision, upgrade
 from tests import factories as f
 from tests.conftest import ADMIN_URL, database_env
 from tests.servers import Server
@@ -195,7 +195,11 @@ def test_processes_starting_together_migrate_the_schema_once(shared):
     full_env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data), **env}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "migrate"], env=full_env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "ckptscope.cli", "migrate"],
+            env=full_env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(4)
     ]
@@ -220,7 +224,7 @@ def test_a_catalogue_from_before_migrations_is_adopted_and_upgraded(shared):
     """Catalogues made by create_all (revision 0001's tables, no alembic_version) keep their rows."""
     from alembic import command
 
-    from app.store.migrate import _config
+    from ckptscope.store.migrate import _config
 
     url = shared[1].get("CKPTSCOPE_DATABASE_URL") or Settings(data_dir=shared[0]).resolved_database_url
     shared[0].mkdir(parents=True)

@@ -215,8 +215,8 @@ def test_freeze_plan_and_snippet_freeze_a_backbone(client, tmp_path):
 
 
 def test_freeze_counts_tied_parameters_once():
-    from app.formats.model import StorageRef, TensorInfo
-    from app.services.operations import freeze_plan
+    from ckptscope.formats.model import StorageRef, TensorInfo
+    from ckptscope.services.operations import freeze_plan
 
     ref = StorageRef("/x", 0, 40, "0")
     tensors = [
@@ -318,7 +318,7 @@ def test_download_of_a_sharded_set_needs_a_file_name(client, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "ckptscope.cli", *args], capture_output=True, text=True, timeout=180)
 
 
 def test_cli_copy_freeze_export_diff(tmp_path):
@@ -378,7 +378,7 @@ def test_export_streams_without_loading_the_file(tmp_path):
     probe = (
         "import sys;"
         f"sys.argv = ['ckptscope', 'export', {str(src)!r}, '--include', 'keep', '-o', {str(out)!r}];"
-        "from app.cli import main; main();"
+        "from ckptscope.cli import main; main();"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

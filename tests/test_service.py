@@ -113,7 +113,7 @@ def test_stats_device_setting_selects_the_device_engine(tmp_path):
 
 
 def test_stats_device_names_are_checked_at_start():
-    from app.stats.device_engine import resolve_device
+    from ckptscope.stats.torch_engine import resolve_device
 
     assert resolve_device("") is None and resolve_device("host") is None
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else None)
@@ -134,7 +134,11 @@ def test_serve_refuses_a_stats_device_it_does_not_have(tmp_path):
 
     env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(tmp_path / "d"), "CKPTSCOPE_STATS_DEVICE": "warp-drive"}
     r = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ckptscope.cli", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ckptscope: CKPTSCOPE_STATS_DEVICE:")

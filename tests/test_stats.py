@@ -11,9 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from app.formats import open_checkpoint
-from app.stats import HIST_BINS, TensorStats
-from app.stats.engine import CHUNK_ELEMENTS, SMALL_ELEMENTS, compute_stats
+from ckptscope.formats import open_checkpoint
+from ckptscope.stats import HIST_BINS, TensorStats
+from ckptscope.stats import engine as stats_engine
+from ckptscope.stats.batch import SMALL_ELEMENTS
+from ckptscope.stats.engine import choose_engine, compute_stats
+from ckptscope.stats.walk import CHUNK_ELEMENTS
 from tests import factories as f
 
 
@@ -63,10 +66,21 @@ def assert_stats_match(stats: TensorStats, t: torch.Tensor, name: str = "", copi
     json.dumps(got, allow_nan=False)
 
 
-@pytest.fixture(params=[None, "cpu"], ids=["kernel", "device-engine-on-cpu"])
-def device(request):
-    """None: the host C kernel; "cpu": the device engine (the CUDA path's code) on the CPU device."""
-    return request.param
+@pytest.fixture(params=["kernel", "fallback", "cpu"])
+def engine(request, monkeypatch):
+    """Every engine, against the same references: the C kernel; the torch-op engine as the CPU
+    fallback where the kernel is not built; the torch-op engine on the "cpu" torch device (the
+    CUDA path's code)."""
+    if request.param == "kernel":
+        chosen = choose_engine()
+        assert chosen.name == "kernel", chosen.description  # the test install builds the kernel
+    elif request.param == "fallback":
+        monkeypatch.setattr(stats_engine, "load_kernel", lambda: (None, "not built (test)"))
+        chosen = choose_engine()
+        assert chosen.name == "torch-fallback"
+    else:
+        chosen = choose_engine("cpu")
+    return chosen
 
 
 def stats_of(tmp_path, tensors: dict[str, torch.Tensor], fmt: str = "safetensors", **kwargs):
@@ -95,15 +109,15 @@ DTYPE_CASES = {
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CASES))
-def test_every_dtype_matches_torch(tmp_path, dtype, device):
+def test_every_dtype_matches_torch(tmp_path, dtype, engine):
     torch.manual_seed(3)
     t = DTYPE_CASES[dtype]()
-    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
+    stats = stats_of(tmp_path, {"t": t}, engine=engine)["t"]
     assert_stats_match(stats, t, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CASES))
-def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype, device):
+def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype, engine):
     """Tensors above SMALL_ELEMENTS go chunk by chunk through the C kernel, not the batch path."""
     torch.manual_seed(5)
     copies = SMALL_ELEMENTS // 300
@@ -112,7 +126,7 @@ def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype, device):
     if t.is_floating_point():
         t[:50] = 0.0
         t[50:90] = -0.0  # a zero too, with its sign bit set
-    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
+    stats = stats_of(tmp_path, {"t": t}, engine=engine)["t"]
     assert_stats_match(stats, t, dtype, copies)
 
 
@@ -125,43 +139,43 @@ def test_every_dtype_through_the_kernel_matches_torch(tmp_path, dtype, device):
         [5.0, float("nan"), 0.0, float("-inf"), -0.0, 7.0],  # non-finite beside zeros of both signs
     ],
 )
-def test_kernel_edge_ranges(tmp_path, values, device):
+def test_kernel_edge_ranges(tmp_path, values, engine):
     copies = SMALL_ELEMENTS // len(values) + 7
     t = torch.tensor(values, dtype=torch.float32).repeat(copies)
-    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
+    stats = stats_of(tmp_path, {"t": t}, engine=engine)["t"]
     assert_stats_match(stats, t, copies=copies)
     assert sum(stats.hist) == stats.numel - stats.nan - stats.inf
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
-def test_multi_chunk_tensor_with_nan_and_inf(tmp_path, fmt, device):
+def test_multi_chunk_tensor_with_nan_and_inf(tmp_path, fmt, engine):
     torch.manual_seed(4)
     t = torch.randn(CHUNK_ELEMENTS * 2 + 12345)
     t[7] = float("nan")
     t[CHUNK_ELEMENTS + 3] = float("inf")
     t[-1] = float("-inf")
     t[100:200] = 0
-    stats = stats_of(tmp_path, {"t": t}, fmt, device=device)["t"]
+    stats = stats_of(tmp_path, {"t": t}, fmt, engine=engine)["t"]
     assert stats.nan == 1 and stats.inf == 2 and stats.zeros == 100
     assert_stats_match(stats, t)
 
 
-def test_all_nan_tensor_has_counts_and_no_values(tmp_path, device):
+def test_all_nan_tensor_has_counts_and_no_values(tmp_path, engine):
     t = torch.full((10,), float("nan"))
-    stats = stats_of(tmp_path, {"t": t}, device=device)["t"]
+    stats = stats_of(tmp_path, {"t": t}, engine=engine)["t"]
     assert stats.nan == 10
     assert stats.to_json()["mean"] is None and stats.to_json()["std"] is None
     assert json.dumps(stats.to_json(), allow_nan=False)
 
 
-def test_huge_values_do_not_overflow_float32_squares(tmp_path, device):
+def test_huge_values_do_not_overflow_float32_squares(tmp_path, engine):
     t = torch.randn(50000) * 1e30
-    assert_stats_match(stats_of(tmp_path, {"t": t}, device=device)["t"], t)
+    assert_stats_match(stats_of(tmp_path, {"t": t}, engine=engine)["t"], t)
 
 
-def test_empty_scalar_and_constant_tensors(tmp_path, device):
+def test_empty_scalar_and_constant_tensors(tmp_path, engine):
     tensors = {"empty": torch.zeros(0, 5), "scalar": torch.tensor(-2.5), "const": torch.full((100,), 7.0)}
-    stats = stats_of(tmp_path, tensors, device=device)
+    stats = stats_of(tmp_path, tensors, engine=engine)
     assert stats["empty"].numel == 0 and stats["empty"].mean is None and sum(stats["empty"].hist) == 0
     assert stats["scalar"].mean == -2.5 and stats["scalar"].std is None and stats["scalar"].hist[0] == 1
     assert stats["const"].std == 0.0 and stats["const"].hist[0] == 100
@@ -169,7 +183,7 @@ def test_empty_scalar_and_constant_tensors(tmp_path, device):
         assert_stats_match(stats[name], tensors[name], name)
 
 
-def test_views_transposed_gapped_and_expanded(tmp_path, device):
+def test_views_transposed_gapped_and_expanded(tmp_path, engine):
     torch.manual_seed(5)
     base = torch.randn(300, 400)
     views = {
@@ -179,7 +193,7 @@ def test_views_transposed_gapped_and_expanded(tmp_path, device):
         "expanded": torch.randn(1, 400).expand(2000, 400),
         "expanded_middle": torch.randn(3, 1, 5).expand(3, 1000, 5),
     }
-    stats = stats_of(tmp_path, views, "zip", device=device)
+    stats = stats_of(tmp_path, views, "zip", engine=engine)
     for name, view in views.items():
         assert stats[name].numel == view.numel()
         assert_stats_match(stats[name], view, name)
@@ -212,8 +226,8 @@ def test_progress_reports_bytes_up_to_total(tmp_path):
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
-def test_complex_tensors_are_listed_but_not_summarised(tmp_path, device):
-    stats = stats_of(tmp_path, {"c": torch.randn(4, dtype=torch.complex64)}, "zip", device=device)["c"]
+def test_complex_tensors_are_listed_but_not_summarised(tmp_path, engine):
+    stats = stats_of(tmp_path, {"c": torch.randn(4, dtype=torch.complex64)}, "zip", engine=engine)["c"]
     assert stats.numel == 4 and stats.mean is None and "complex64" in stats.note
 
 
@@ -233,8 +247,8 @@ def test_resident_memory_stays_flat_on_a_big_file(tmp_path):
         f"""
         import resource, json
         import torch
-        from app.formats import open_checkpoint
-        from app.stats.engine import compute_stats
+        from ckptscope.formats import open_checkpoint
+        from ckptscope.stats.engine import compute_stats
         def rss():
             with open("/proc/self/status") as fh:
                 return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) * 1024

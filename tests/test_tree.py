@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.formats import open_checkpoint
-from app.stats import TensorStats, build_tree
+from ckptscope.formats import open_checkpoint
+from ckptscope.stats import TensorStats, build_tree
 from tests import factories as f
 
 

@@ -1,0 +1,162 @@
+"""Response models of the JSON API (they are what /docs shows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class StatsOut(BaseModel):
+    numel: int
+    mean: float | None = Field(description="over finite values; null when undefined")
+    std: float | None = Field(description="Bessel-corrected, like torch.std; null for fewer than 2 finite values")
+    min: float | None
+    max: float | None
+    l2: float | None
+    absmax: float | None
+    zeros: int
+    nan: int
+    inf: int
+    hist: list[int] = Field(description="64 equal-width bins over [hist_min, hist_max] of the finite values")
+    hist_min: float | None
+    hist_max: float | None
+    note: str | None = None
+
+
+class TensorOut(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int]
+    numel: int
+    nbytes: int
+    kind: str = Field(description="parameter or buffer")
+    alias_of: str | None = Field(description="tied tensor: the first name viewing the same data")
+    contiguous: bool
+    data_offset: int
+    stats: StatsOut | None = Field(None, description="null while stats are still being computed")
+
+
+class TensorPageOut(BaseModel):
+    root: str
+    total: int
+    offset: int
+    limit: int
+    stats_state: str
+    tensors: list[TensorOut]
+
+
+class TensorDetailOut(TensorOut):
+    root: str
+    stats_state: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: str = Field(
+        description="queued, running, done, failed, cancelled (checkpoint deleted) or abandoned (the server "
+        "stopped; the checkpoint's job_id then names the job that finishes the work)"
+    )
+    done: int
+    total: int
+    progress: float
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class FileOut(BaseModel):
+    name: str
+    sha256: str
+    size: int
+
+
+class RootOut(BaseModel):
+    path: str
+    tensor_count: int
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    name: str
+    sha256: str = Field(description="sha256 of the file (of the sorted name/hash list for a sharded set)")
+    format: str
+    tensor_count: int
+    total_bytes: int = Field(description="bytes of tensor data, tied tensors counted once")
+    size_bytes: int = Field(description="bytes uploaded")
+    created_at: datetime
+    origin: str
+    stats_state: str
+    job_id: str | None
+
+
+class CheckpointDetailOut(CheckpointOut):
+    default_root: str
+    roots: list[RootOut]
+    metadata: dict[str, Any]
+    warnings: list[str]
+    files: list[FileOut]
+    stats_error: str | None
+    provenance: dict[str, Any] | None
+
+
+class TreeNodeOut(BaseModel):
+    name: str
+    path: str
+    is_tensor: bool
+    has_children: bool
+    tensor_count: int
+    numel: int
+    param_numel: int
+    buffer_count: int
+    alias_count: int
+    nbytes: int
+    dtypes: dict[str, int]
+    nan: int
+    inf: int
+    children: list[TreeNodeOut] | None = None
+
+
+class TreeOut(BaseModel):
+    root: str
+    stats_state: str
+    tree: TreeNodeOut
+
+
+class CopyRequest(BaseModel):
+    source: str = Field(description="checkpoint id to copy tensors from")
+    target: str = Field(description="checkpoint id to copy into (never modified; the result is a new checkpoint)")
+    mapping: dict[str, str] = Field(
+        description="source prefix -> target prefix, e.g. {'encoder.': 'backbone.'}; "
+        "{'module.': ''} strips a DDP prefix"
+    )
+    strict: bool = Field(True, description="refuse to write when any key is missing, unexpected or mis-shaped")
+    dry_run: bool = Field(False, description="only report what would happen")
+    source_root: str | None = None
+    target_root: str | None = None
+
+
+class CopyResult(BaseModel):
+    written: bool
+    report: dict[str, Any]
+    checkpoint: CheckpointOut | None = None
+
+
+class FreezeRequest(BaseModel):
+    freeze: list[str] = Field(description="modules to freeze, e.g. ['backbone.', 'embed']")
+    root: str | None = None
+
+
+class ExportRequest(BaseModel):
+    include: list[str] = Field(default_factory=list, description="modules/tensors to keep (all when empty)")
+    exclude: list[str] = Field(default_factory=list, description="modules/tensors to drop")
+    rename: dict[str, str] = Field(default_factory=dict, description="prefix renames, e.g. {'module.': ''}")
+    format: str = Field("safetensors", pattern="^(safetensors|pt)$")
+    freeze: list[str] = Field(default_factory=list, description="embed a freeze plan for these modules")
+    root: str | None = None
+
+
+class ExportResult(CheckpointOut):
+    freeze_plan: dict[str, Any] | None = None

@@ -1,0 +1,367 @@
+"""The ``ckptscope`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ckptscope.errors import CheckpointError, CkptscopeError, Invalid
+from ckptscope.units import human_bytes
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_inspection(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.tree import Tree
+
+    console = Console()
+    console.print(
+        f"[bold]{escape(data['format'])}[/bold]: {data['tensor_count']} tensors, "
+        f"{human_bytes(data['total_bytes'])}, root {escape(repr(data['root']))}"
+    )
+    if len(data["roots"]) > 1:
+        roots = ", ".join(f"{escape(repr(r['path']))} ({r['tensor_count']})" for r in data["roots"])
+        console.print(f"roots: {roots}")
+    for warning in data["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if data["metadata"]:
+        meta = Table("key", "value", title="metadata", show_lines=False)
+        for key, value in list(data["metadata"].items())[:50]:
+            meta.add_row(escape(key), escape(json.dumps(value)[:120]))
+        console.print(meta)
+
+    def add(branch: Tree, node: dict[str, Any]) -> None:
+        for child in node.get("children", []):
+            label = (
+                f"{escape(child['name'])}  [dim]{child['tensor_count']} tensors, {human_bytes(child['nbytes'])}[/dim]"
+            )
+            if child["nan"] or child["inf"]:
+                label += f" [red]NaN {child['nan']} Inf {child['inf']}[/red]"
+            add(branch.add(label), child)
+
+    tree = Tree("[bold]modules[/bold]")
+    add(tree, data["tree"])
+    console.print(tree)
+    table = Table("name", "kind", "dtype", "shape", "mean", "std", "min", "max", "l2", "zeros", "nan", "inf")
+    for t in data["tensors"]:
+        s = t.get("stats") or {}
+        kind = t["kind"] + (f" = {t['alias_of']}" if t["alias_of"] else "")
+        table.add_row(
+            escape(t["name"]),
+            escape(kind),
+            t["dtype"],
+            str(t["shape"]),
+            *(_fmt(s.get(k)) for k in ("mean", "std", "min", "max", "l2", "zeros", "nan", "inf")),
+        )
+    console.print(table)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ckptscope.services.inspect import inspect_path
+
+    progress_cb = None
+    bar = None
+    if not args.no_stats and sys.stderr.isatty():
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        bar = Progress("stats", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+        task = bar.add_task("stats", total=None)
+        bar.start()
+
+        def progress_cb(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+    try:
+        result = inspect_path(
+            args.path, root=args.root, with_stats=not args.no_stats, progress=progress_cb, device=args.device
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    data = result.to_json()
+    if args.json:
+        sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")  # dumps: the C encoder
+    else:
+        _print_inspection(data)
+    return 0
+
+
+def _pairs(values: list[str]) -> dict[str, str]:
+    from ckptscope.services.selection import parse_pairs
+
+    return parse_pairs(values)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(out: str, write: Any) -> None:
+    import os
+    import tempfile
+
+    target = Path(out)
+    fd, temp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(temp))
+        os.replace(temp, target)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+def _format_for_output(path: str, requested: str | None) -> str:
+    if requested:
+        return requested
+    return "safetensors" if path.endswith(".safetensors") else "pt"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.services.operations import export_metadata, export_with_plan, write_checkpoint
+
+    ckpt = open_checkpoint(args.path)
+    root = ckpt.resolve_root(args.root)
+    rename = _pairs(args.rename)
+    outputs, plan = export_with_plan(ckpt.root_tensors(root), args.include, args.exclude, rename, args.freeze)
+    fmt = _format_for_output(args.output, args.format)
+    selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": rename}
+    metadata = export_metadata(Path(args.path).name, _sha256(args.path), selection, plan, ckpt.metadata, fmt)
+    _write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
+    print(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
+    return 0
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.services.operations import copy_metadata, copy_report, output_format_for, write_checkpoint
+
+    src = open_checkpoint(args.source)
+    dst = open_checkpoint(args.target)
+    source_root, target_root = src.resolve_root(args.source_root), dst.resolve_root(args.target_root)
+    strict = not args.no_strict
+    report = copy_report(src.root_tensors(source_root), dst.root_tensors(target_root), _pairs(args.map), strict)
+    data = report.to_json()
+    written = False
+    if not args.dry_run and (report.ok or not strict) and report.copied:
+        if not args.output:
+            raise Invalid("copy needs -o OUTPUT (or --dry-run)")
+        fmt = output_format_for(dst.format)
+        provenance = {
+            "operation": "copy",
+            "source": {"name": Path(args.source).name, "sha256": _sha256(args.source), "root": source_root},
+            "target": {"name": Path(args.target).name, "sha256": _sha256(args.target), "root": target_root},
+            "mapping": report.mapping,
+            "strict": strict,
+        }
+        meta = copy_metadata(dst.metadata, fmt, provenance)
+        _write_atomically(args.output, lambda p: write_checkpoint(p, report.outputs, fmt, meta))
+        written = True
+    if args.json:
+        print(json.dumps({"written": written, "report": data}))
+    else:
+        counts = data["counts"]
+        print(
+            f"copied {counts['copied']}, missing {counts['missing']}, unexpected {counts['unexpected']}, "
+            f"shape mismatches {counts['shape_mismatches']}, dtype changes {counts['dtype_changes']}"
+        )
+        for key in ("missing", "unexpected", "shape_mismatches", "dtype_changes"):
+            for item in data[key][:20]:
+                print(f"  {key}: {item}")
+        print(f"wrote {args.output}" if written else "nothing written")
+    if not args.dry_run and not report.ok and strict:
+        print("ckptscope: strict copy refused (use --no-strict to copy what fits)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.services.operations import freeze_plan
+
+    ckpt = open_checkpoint(args.path)
+    plan = freeze_plan(ckpt.root_tensors(args.root), args.freeze)
+    if args.snippet:
+        print(plan.snippet())
+    elif args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(
+            f"frozen: {len(plan.frozen)} tensors, {plan.frozen_params:,} values; "
+            f"trainable: {len(plan.trainable)} tensors, {plan.trainable_params:,} values "
+            f"({plan.trainable_fraction:.1%}); buffers (not parameters): {len(plan.buffers)}"
+        )
+        for prefix in plan.unmatched_prefixes:
+            print(f"warning: {prefix!r} matches no tensor", file=sys.stderr)
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from ckptscope.formats import open_checkpoint
+    from ckptscope.services.operations import diff_tensors
+
+    a = open_checkpoint(args.a)
+    b = open_checkpoint(args.b)
+    result = diff_tensors(a.root_tensors(args.a_root), b.root_tensors(args.b_root))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    for row in result["tensors"]:
+        if row["status"] != "identical":
+            extra = ""
+            if row.get("max_abs_diff") is not None:
+                extra = (
+                    f" max|a-b| {row['max_abs_diff']:.4g} rel-L2 {_fmt(row.get('rel_l2'))}"
+                    f" cos {_fmt(row.get('cosine'))}"
+                )
+            print(f"{row['status']:>14}  {row['name']}{extra}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ckptscope import logs
+    from ckptscope.config import get_settings
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    logs.configure()
+    log = logging.getLogger("ckptscope")
+    if settings.stats_device:
+        from ckptscope.stats.torch_engine import resolve_device
+
+        try:
+            resolve_device(settings.stats_device)
+        except RuntimeError as exc:
+            print(f"ckptscope: CKPTSCOPE_STATS_DEVICE: {exc}", file=sys.stderr)
+            return 2
+    if settings.api_token:
+        log.info(f"authentication on: every page and API call needs the token; serving on {host}:{port}")
+    else:
+        where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "ALL INTERFACES"
+        log.warning(f"no CKPTSCOPE_API_TOKEN set: no authentication, serving on {host}:{port} ({where})")
+    uvicorn.run(
+        "ckptscope.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _cmd_migrate(_args: argparse.Namespace) -> int:
+    from ckptscope.config import get_settings
+    from ckptscope.store.catalogue import make_engine
+    from ckptscope.store.migrate import upgrade
+
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        print(f"catalogue schema at revision {upgrade(engine)} ({engine.url.render_as_string(hide_password=True)})")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptscope", description="Look inside model checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors, module tree and stats")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--root", default=None, help="key path of the tensor dict to show (nested checkpoints)")
+    p.add_argument("--no-stats", action="store_true", help="list only; never read tensor data")
+    p.add_argument(
+        "--device", default=None, help="compute stats on this torch device (cuda, auto) instead of the CPU kernel"
+    )
+    p.set_defaults(func=_cmd_inspect)
+    e = sub.add_parser("export", help="write selected modules as a new checkpoint (bytes streamed)")
+    e.add_argument("path")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--include", action="append", default=[], help="module/tensor prefix to keep (repeatable)")
+    e.add_argument("--exclude", action="append", default=[], help="module/tensor prefix to drop (repeatable)")
+    e.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="prefix rename (repeatable)")
+    e.add_argument("--format", choices=["safetensors", "pt"], default=None, help="default: from the output name")
+    e.add_argument("--freeze", action="append", default=[], help="embed a freeze plan for this module")
+    e.add_argument("--root", default=None)
+    e.set_defaults(func=_cmd_export)
+    c = sub.add_parser("copy", help="copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
+    c.add_argument("source")
+    c.add_argument("target")
+    c.add_argument("--map", action="append", required=True, metavar="SRC=DST", help="prefix mapping (repeatable)")
+    c.add_argument("-o", "--output")
+    c.add_argument("--no-strict", action="store_true", help="copy what fits, report the rest")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--source-root", default=None)
+    c.add_argument("--target-root", default=None)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_copy)
+    fz = sub.add_parser("freeze", help="plan which parameters to freeze")
+    fz.add_argument("path")
+    fz.add_argument("--freeze", action="append", required=True, help="module to freeze (repeatable)")
+    fz.add_argument("--root", default=None)
+    fz.add_argument("--json", action="store_true")
+    fz.add_argument("--snippet", action="store_true", help="print the PyTorch snippet that applies the plan")
+    fz.set_defaults(func=_cmd_freeze)
+    d = sub.add_parser("diff", help="compare two checkpoints tensor by tensor")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--a-root", default=None)
+    d.add_argument("--b-root", default=None)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_diff)
+    s = sub.add_parser("serve", help="start the web server")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(func=_cmd_serve)
+    m = sub.add_parser("migrate", help="create or upgrade the catalogue's schema (serve does this too)")
+    m.set_defaults(func=_cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CheckpointError as exc:
+        print(f"ckptscope: {args.__dict__.get('path', '')}: {exc}", file=sys.stderr)
+        return 2
+    except CkptscopeError as exc:
+        print(f"ckptscope: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a CKPTSCOPE_* setting out of range
+        first = exc.errors()[0]
+        name = "CKPTSCOPE_" + "_".join(str(part) for part in first["loc"]).upper()
+        print(f"ckptscope: {name}: {first['msg']}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

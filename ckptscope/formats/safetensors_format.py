@@ -1,0 +1,154 @@
+"""safetensors: an 8-byte little-endian header length, a JSON header, then raw bytes.
+
+Listing reads the header only. Checks beyond the library's: header size and tensor count
+caps, duplicate keys, offsets inside the data area, sizes matching shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from ckptscope.errors import CheckpointError
+
+from .gc_pause import paused_gc
+from .model import (
+    MAX_DIMS,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    RootInfo,
+    StorageRef,
+    TensorInfo,
+    contiguous_stride,
+    tensor_kind,
+)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_TENSORS = 500_000
+
+
+def _bad(message: str) -> CheckpointError:
+    return CheckpointError("corrupt_safetensors", message)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _bad(f"safetensors header has duplicate key {key[:200]!r}")
+    return out
+
+
+_SPACED_KEY = re.compile(rb'"\s+:')
+
+
+def _raw_key_count(raw: bytes) -> int:
+    """Keys in the JSON text: every key is a string followed by ':' (maybe after whitespace). A
+    duplicate key can only make this larger than the parsed count, never hide; an escaped quote
+    before ':' inside a string also makes it larger, which just takes the slow exact path."""
+    return raw.count(b'":') + len(_SPACED_KEY.findall(raw))
+
+
+def _key_count(header: dict[str, Any]) -> int:
+    return len(header) + sum(len(v) for v in header.values() if isinstance(v, dict))
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(header dict, data start offset, file size)."""
+    file_size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError("truncated", "file is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                "limit_exceeded", f"safetensors header of {header_len} bytes exceeds the 100 MiB limit"
+            )
+        if 8 + header_len > file_size:
+            raise CheckpointError("truncated", "safetensors header length points beyond the end of the file")
+        raw = fh.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("safetensors header is not valid UTF-8") from None
+    try:
+        with paused_gc():
+            header = json.loads(text)
+            if isinstance(header, dict) and _raw_key_count(raw) != _key_count(header):
+                header = json.loads(text, object_pairs_hook=_no_duplicates)  # exact, names the duplicate
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise _bad("safetensors header JSON nests too deeply") from None
+    except ValueError as exc:
+        raise _bad(f"safetensors header is not valid JSON: {exc}"[:300]) from None
+    if not isinstance(header, dict):
+        raise _bad("safetensors header is not a JSON object")
+    return header, 8 + header_len, file_size
+
+
+def _shape(name: str, value: Any) -> tuple[int, ...]:
+    if value.__class__ is not list or len(value) > MAX_DIMS:
+        raise _bad(f"tensor {name!r} has a malformed shape")
+    for v in value:
+        if v.__class__ is not int or v < 0:
+            raise _bad(f"tensor {name!r} has a negative or non-integer dimension")
+    return tuple(value)
+
+
+def read_safetensors(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    header, data_start, file_size = read_header(path)
+    raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
+        raise _bad("safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError("limit_exceeded", f"safetensors header lists {len(header)} tensors (limit {MAX_TENSORS})")
+    data_size = file_size - data_start
+    tensors: list[TensorInfo] = []
+    spans: list[tuple[int, int, str]] = []
+    spath = str(path)
+    for name, entry in header.items():
+        if entry.__class__ is not dict:
+            raise _bad(f"tensor {name!r} header entry is not an object")
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CheckpointError(
+                "unsupported_dtype", f"tensor {name!r} has unsupported dtype {str(entry.get('dtype'))[:40]!r}"
+            )
+        shape = _shape(name, entry.get("shape"))
+        offsets = entry.get("data_offsets")
+        if offsets.__class__ is not list or len(offsets) != 2:
+            raise _bad(f"tensor {name!r} has data offsets outside the file")
+        begin, end = offsets
+        if begin.__class__ is not int or end.__class__ is not int or not 0 <= begin <= end <= data_size:
+            raise _bad(f"tensor {name!r} has data offsets outside the file")
+        if math.prod(shape) * dtype.itemsize != end - begin:
+            raise _bad(f"tensor {name!r}: shape {list(shape)} of {dtype.name} does not match its {end - begin} bytes")
+        spans.append((begin, end, name))
+        storage = StorageRef(spath, data_start + begin, end - begin, name)
+        tensors.append(
+            TensorInfo(name, dtype.name, shape, contiguous_stride(shape), 0, storage, tensor_kind(name, dtype.name))
+        )
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise _bad(f"tensors {n0!r} and {n1!r} overlap in the data area")
+        if b1 > e0:  # the safetensors library refuses gaps too
+            raise _bad(f"the data area has {b1 - e0} bytes between tensors {n0!r} and {n1!r}")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0] != 0) or end != data_size:
+        raise _bad("tensor data does not cover the data area exactly (leading or trailing bytes)")
+    return Checkpoint(
+        format="safetensors",
+        tensors=tensors,
+        roots=[RootInfo("", len(tensors))],
+        metadata={f"__metadata__.{k}": v for k, v in raw_meta.items()},
+        files=[str(path)],
+    )

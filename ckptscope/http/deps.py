@@ -1,0 +1,28 @@
+"""Typed FastAPI dependencies shared by the API and the web UI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from ckptscope.core import Core
+
+from .rendering import HtmlRenderer
+
+
+def get_core(request: Request) -> Core:
+    core: Core = request.app.state.core
+    return core
+
+
+def get_html(request: Request) -> HtmlRenderer:
+    html: HtmlRenderer = request.app.state.html
+    return html
+
+
+CoreDep = Annotated[Core, Depends(get_core)]
+HtmlDep = Annotated[HtmlRenderer, Depends(get_html)]
+RootQuery = Annotated[
+    str | None, Query(description="key path of the tensor dict to use in a nested checkpoint; default: the weights")
+]

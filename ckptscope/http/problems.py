@@ -1,0 +1,79 @@
+"""RFC 9457 problem details for the API; readable HTML error pages for the UI. Every error of
+ckptscope's hierarchy (``ckptscope.errors``) is mapped here, once."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from python_multipart.exceptions import MultipartParseError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from ckptscope.errors import CheckpointError, CkptscopeError, TooLarge
+
+from .rendering import HtmlRenderer
+
+log = logging.getLogger("ckptscope")
+SERVICE_PATHS = ("/openapi.json", "/healthz", "/readyz", "/metrics")
+
+
+def wants_html(request: Request) -> bool:
+    path = request.url.path
+    return not (path.startswith("/api/") or path in SERVICE_PATHS)
+
+
+def problem(request: Request, status: int, detail: str, code: str | None = None, **extra: Any) -> Response:
+    title = HTTPStatus(status).phrase
+    if wants_html(request):
+        html: HtmlRenderer = request.app.state.html
+        return html.error(request, status, title, detail)
+    body: dict[str, Any] = {
+        "type": f"/problems/{code}" if code else "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    if code:
+        body["code"] = code
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(CkptscopeError)
+    async def _ours(request: Request, exc: CkptscopeError) -> Response:
+        if isinstance(exc, CheckpointError | TooLarge):
+            request.app.state.core.metrics.inc("ckptscope_uploads_rejected_total", reason=exc.code)
+        return problem(request, exc.status, exc.detail, exc.code)
+
+    @app.exception_handler(MultipartParseError)
+    async def _multipart(request: Request, exc: MultipartParseError) -> Response:
+        return problem(request, 400, f"malformed multipart body: {exc}", "bad_multipart")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnect(request: Request, exc: ClientDisconnect) -> Response:  # noqa: ARG001
+        return problem(request, 400, "the client disconnected before the upload finished", "aborted")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return problem(request, 422, detail or "invalid request", "validation", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        response = problem(request, exc.status_code, str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:  # noqa: ARG001
+        log.exception("unhandled error on %s", request.url.path)
+        return problem(request, 500, "internal error; the server log has the details", "internal")

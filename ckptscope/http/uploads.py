@@ -1,0 +1,149 @@
+"""Receive uploaded files by streaming the request body straight into the blob store.
+
+Nothing is buffered in memory: multipart parts and raw bodies are hashed and written to a
+temp file in the store as the bytes arrive; the size cap is enforced while streaming.
+"""
+
+from __future__ import annotations
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from ckptscope.core import Core
+from ckptscope.errors import Invalid, TooLarge
+from ckptscope.services.checkpoints import Upload, release_blobs
+from ckptscope.store.blobs import BlobWriter
+
+FIELD_LIMIT = 4096
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class _MultipartSink:
+    def __init__(self, core: Core, limit: int) -> None:
+        self.core = core
+        self.limit = limit
+        self.used = 0
+        self.uploads: list[Upload] = []
+        self._finished: list[tuple[str, BlobWriter]] = []  # file parts written, not yet committed
+        self.fields: dict[str, str] = {}
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._value = b""
+        self._writer: BlobWriter | None = None
+        self._filename = ""
+        self._form_field: str | None = None
+        self._form_value = b""
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._append("_field", d[s:e]),
+            "on_header_value": lambda d, s, e: self._append("_value", d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _append(self, attr: str, data: bytes) -> None:
+        value = getattr(self, attr) + data
+        if len(value) > FIELD_LIMIT:
+            raise Invalid("multipart header too long")
+        setattr(self, attr, value)
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._form_field = None
+        self._form_value = b""
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        if filename is not None:
+            if name != "file":
+                raise Invalid(f"unexpected file field {name[:40]!r}; send files in the field 'file'")
+            self._filename = filename.decode("utf-8", "replace")
+            self._writer = self.core.blobs.writer(self.limit - self.used)
+        else:
+            self._form_field = name
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._writer is not None:
+            self._writer.write(data[start:end])
+        elif self._form_field is not None:
+            self._form_value += data[start:end]
+            if len(self._form_value) > FIELD_LIMIT:
+                raise Invalid(f"form field {self._form_field[:40]!r} is too long")
+
+    def _part_end(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            self.used += writer.size
+            self._finished.append((self._filename, writer))
+        elif self._form_field is not None:
+            self.fields[self._form_field] = self._form_value.decode("utf-8", "replace")
+
+    async def commit_finished(self) -> None:
+        """Commit the file parts that ended (fsync, rename, pin: blocking, so off the event loop)."""
+        while self._finished:
+            name, writer = self._finished.pop(0)
+            try:
+                blob = await run_in_threadpool(writer.commit)
+            except BaseException:
+                writer.abort()
+                raise
+            self.uploads.append(Upload(name, blob))
+
+    def abort(self) -> None:
+        for _, writer in self._finished:
+            writer.abort()
+        self._finished = []
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        release_blobs(self.core, [u.blob for u in self.uploads])
+
+
+async def receive_uploads(core: Core, request: Request, filename: str | None) -> tuple[list[Upload], dict[str, str]]:
+    """The uploaded files (committed blobs) and the small form fields sent beside them."""
+    limit = core.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise TooLarge(limit)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        _, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise Invalid("multipart request without a boundary")
+        sink = _MultipartSink(core, limit)
+        parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                await sink.commit_finished()
+            parser.finalize()
+            await sink.commit_finished()
+            if sink._writer is not None:
+                raise Invalid("multipart body ended inside a file part")
+        except BaseException:
+            await run_in_threadpool(sink.abort)
+            raise
+        return sink.uploads, sink.fields
+    writer = core.blobs.writer(limit)
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.size == 0:
+        writer.abort()
+        raise Invalid("empty request body: send the checkpoint as multipart field 'file' or as the raw body")
+    return [Upload(filename or "upload", await run_in_threadpool(writer.commit))], {}

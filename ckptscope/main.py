@@ -1,0 +1,140 @@
+"""The FastAPI application: API, web UI, static assets, security headers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from ckptscope import __version__, logs
+from ckptscope.api.routes import ops_router
+from ckptscope.api.routes import router as api_router
+from ckptscope.config import Settings, get_settings
+from ckptscope.core import Core
+from ckptscope.http import problems
+from ckptscope.http.auth import is_authorized, is_open
+from ckptscope.http.service_routes import router as service_router
+from ckptscope.web.routes import router as web_router
+from ckptscope.web.templating import RENDERER, STATIC_DIR
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+
+log = logging.getLogger("ckptscope")
+access_log = logging.getLogger("ckptscope.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_environment() -> None:
+    """Refuse to run where torch could be told to unpickle arbitrary code."""
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        raise RuntimeError(
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: it makes torch.load run pickled code. "
+            "ckptscope refuses to start with it; unset it."
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    check_environment()
+    logs.configure()
+    settings = settings or get_settings()
+    core = Core(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        core.start()
+        log.info(
+            "ckptscope %s: data in %s, catalogue %s",
+            __version__,
+            settings.data_dir,
+            settings.resolved_database_url.split("@")[-1],
+        )
+        try:
+            yield
+        finally:
+            core.close()
+
+    app = FastAPI(
+        title="ckptscope",
+        version=__version__,
+        description="Inspect model checkpoints: module tree, per-tensor statistics.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    app.state.html = RENDERER  # the HTTP layer renders login pages and errors through it
+    problems.install(app)
+    app.include_router(service_router)
+    app.include_router(api_router)
+    app.include_router(ops_router)
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        token = settings.api_token
+        if token and not is_open(request.url.path) and not is_authorized(request, token):
+            if problems.wants_html(request) and request.method == "GET":
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+            response = problems.problem(
+                request, 401, "authentication required: send Authorization: Bearer <token>", "unauthorized"
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ckptscope"'
+            return response
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            core.metrics.inc("ckptscope_http_errors_total")
+            raise
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-ID"] = request_id
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        core.metrics.inc(
+            "ckptscope_http_requests_total", method=request.method, status=f"{response.status_code // 100}xx"
+        )
+        if response.status_code >= 500:
+            core.metrics.inc("ckptscope_http_errors_total")
+        access_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(elapsed * 1e3, 2),
+                    "client": request.client.host if request.client else None,
+                }
+            },
+        )
+        return response
+
+    return app

@@ -1,0 +1,156 @@
+"""The operations on catalogue entries: export, copy, freeze plan, diff, download."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptscope.errors import Invalid, NotFound, UnsupportedOutput
+from ckptscope.formats import TensorInfo
+from ckptscope.formats.writers import OutputTensor
+
+from . import checkpoints as svc
+from .checkpoints import Upload
+from .operations import (
+    CopyReport,
+    FreezePlan,
+    copy_metadata,
+    copy_report,
+    diff_tensors,
+    export_metadata,
+    export_with_plan,
+    freeze_plan,
+    output_format_for,
+    write_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from ckptscope.core import Core
+    from ckptscope.store.catalogue import Checkpoint
+
+EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt"}
+
+
+def _tensors(core: Core, checkpoint_id: str, root: str | None) -> tuple[Checkpoint, Any, str, list[TensorInfo]]:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    return row, content, root, [t for t, _ in svc.all_tensors(core, content, root)]
+
+
+def _stem(name: str) -> str:
+    for ext in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _write_and_register(
+    core: Core,
+    outputs: Sequence[OutputTensor],
+    fmt: str,
+    metadata: dict[str, str],
+    name: str,
+    origin: str,
+    provenance: dict[str, Any],
+) -> Checkpoint:
+    temp = core.blobs.temp_path(EXTENSIONS[fmt])
+    try:
+        write_checkpoint(temp, outputs, fmt, metadata)
+        blob = core.blobs.adopt(temp)
+    finally:
+        temp.unlink(missing_ok=True)
+    return svc.ingest(core, [Upload(name, blob)], origin=origin, provenance=provenance)
+
+
+def export(
+    core: Core,
+    checkpoint_id: str,
+    *,
+    root: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rename: Mapping[str, str] | None = None,
+    fmt: str = "safetensors",
+    freeze: Sequence[str] = (),
+) -> tuple[Checkpoint, FreezePlan | None]:
+    if fmt not in EXTENSIONS:
+        raise UnsupportedOutput(f"unknown format {fmt!r}; choose safetensors or pt")
+    row, content, root, tensors = _tensors(core, checkpoint_id, root)
+    outputs, plan = export_with_plan(tensors, include, exclude, rename, freeze)
+    selection = {"root": root, "include": list(include), "exclude": list(exclude), "rename": dict(rename or {})}
+    metadata = export_metadata(row.name, content.key, selection, plan, content.meta, fmt)
+    provenance = {
+        "operation": "export",
+        "source": {"id": row.id, "name": row.name, "sha256": content.key},
+        "selection": selection,
+        "format": fmt,
+        "freeze": list(freeze),
+    }
+    new = _write_and_register(
+        core, outputs, fmt, metadata, f"{_stem(row.name)}.export{EXTENSIONS[fmt]}", "export", provenance
+    )
+    return new, plan
+
+
+def copy(
+    core: Core,
+    source_id: str,
+    target_id: str,
+    mapping: Mapping[str, str],
+    *,
+    strict: bool = True,
+    dry_run: bool = False,
+    source_root: str | None = None,
+    target_root: str | None = None,
+) -> tuple[CopyReport, Checkpoint | None]:
+    src_row, src_content, src_root, src = _tensors(core, source_id, source_root)
+    dst_row, dst_content, dst_root, dst = _tensors(core, target_id, target_root)
+    report = copy_report(src, dst, mapping, strict)
+    if dry_run or (strict and not report.ok) or not report.copied:
+        return report, None
+    fmt = output_format_for(dst_content.format)
+    provenance = {
+        "operation": "copy",
+        "source": {"id": src_row.id, "name": src_row.name, "sha256": src_content.key, "root": src_root},
+        "target": {"id": dst_row.id, "name": dst_row.name, "sha256": dst_content.key, "root": dst_root},
+        "mapping": report.mapping,
+        "strict": strict,
+        "copied": len(report.copied),
+    }
+    metadata = copy_metadata(dst_content.meta, fmt, {k: v for k, v in provenance.items() if k != "copied"})
+    new = _write_and_register(
+        core, report.outputs, fmt, metadata, f"{_stem(dst_row.name)}.copy{EXTENSIONS[fmt]}", "copy", provenance
+    )
+    return report, new
+
+
+def freeze(core: Core, checkpoint_id: str, prefixes: Sequence[str], root: str | None = None) -> FreezePlan:
+    _, _, _, tensors = _tensors(core, checkpoint_id, root)
+    return freeze_plan(tensors, prefixes)
+
+
+def diff(core: Core, a_id: str, b_id: str, a_root: str | None = None, b_root: str | None = None) -> dict[str, Any]:
+    a_row, a_content, a_root, a = _tensors(core, a_id, a_root)
+    b_row, b_content, b_root, b = _tensors(core, b_id, b_root)
+    result = diff_tensors(a, b)
+    result["a"] = {"id": a_row.id, "name": a_row.name, "root": a_root, "sha256": a_content.key}
+    result["b"] = {"id": b_row.id, "name": b_row.name, "root": b_root, "sha256": b_content.key}
+    return result
+
+
+def download(core: Core, checkpoint_id: str, file: str | None = None) -> tuple[Path, str]:
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    files = svc.files_of(core, content.key)
+    if file is None:
+        if len(files) != 1:
+            names = ", ".join(f.name for f in files)
+            raise Invalid(f"this checkpoint has {len(files)} files; choose one with ?file= ({names})")
+        chosen = files[0]
+        name = row.name
+    else:
+        match = [f for f in files if f.name == file]
+        if not match:
+            raise NotFound(f"no file {file!r} in this checkpoint")
+        chosen, name = match[0], match[0].name
+    return core.blobs.path_for(chosen.sha256), name

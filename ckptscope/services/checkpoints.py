@@ -1,0 +1,201 @@
+"""Catalogue use cases: ingest uploaded blobs, read a checkpoint's tensors, tree and progress,
+delete. The SQL lives in ``ckptscope.store.queries``; this module decides what happens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ckptscope.errors import Invalid, NotFound
+from ckptscope.formats import Checkpoint as Listing
+from ckptscope.formats import TensorInfo, sniff
+from ckptscope.formats.sandbox import open_checkpoint_sandboxed
+from ckptscope.stats import TensorStats, TreeNode, build_tree
+from ckptscope.store.blobs import Blob
+from ckptscope.store.catalogue import Checkpoint, Content, FileRef, StatsState
+from ckptscope.store.queries import StoredFile, TensorPage
+from ckptscope.store.queries import check_root as check_root  # for the routes
+
+if TYPE_CHECKING:
+    from ckptscope.core import Core
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    name: str  # the client's file name: display text and shard name only, never a path
+    blob: Blob
+
+
+def display_name(raw: str | None) -> str:
+    """A client-supplied name made safe to show: last path part, no control characters."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    return name.strip()[:255] or "upload"
+
+
+def _content_key(uploads: Sequence[Upload]) -> str:
+    if len(uploads) == 1:
+        return uploads[0].blob.sha256
+    parts = sorted((display_name(u.name), u.blob.sha256) for u in uploads)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _pick_primary(uploads: Sequence[Upload]) -> Upload:
+    if len(uploads) == 1:
+        return uploads[0]
+    indexes = [u for u in uploads if sniff(u.blob.path) == "json"]
+    if len(indexes) != 1:
+        raise Invalid("several files were uploaded: a sharded set needs exactly one *.index.json beside its shards")
+    return indexes[0]
+
+
+def _check_storable(listing: Listing) -> None:
+    """Text the catalogue must be able to hold on any database (PostgreSQL refuses NUL)."""
+    for t in listing.tensors:
+        if "\x00" in t.name:
+            raise Invalid(
+                f"tensor name {t.name[:80]!r} contains a NUL character, which the catalogue cannot store", "bad_name"
+            )
+    listing.metadata = _strip_nul(listing.metadata)
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:
+    """Delete the blobs that no catalogue row references and no upload in flight has pinned."""
+    for sha in sorted(set(shas)):
+        core.blobs.delete_unless(sha, partial(core.queries.blob_referenced, sha))
+
+
+def release_blobs(core: Core, blobs: Sequence[Blob]) -> None:
+    """An upload is done with its blobs (registered or refused): unpin them, delete the unused."""
+    for blob in blobs:
+        core.blobs.unpin(blob)
+    discard_unreferenced(core, [b.sha256 for b in blobs])
+
+
+def ingest(
+    core: Core,
+    uploads: Sequence[Upload],
+    name: str | None = None,
+    origin: str = "upload",
+    provenance: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Register uploaded blobs as a checkpoint. On any refusal the blobs that nothing else uses are
+    removed, so a failed upload leaves no file and no catalogue row behind. Either way the
+    upload's pins on its blobs are released."""
+    try:
+        if not uploads:
+            raise Invalid("no file was uploaded (send the checkpoint in the multipart field 'file')")
+        primary = _pick_primary(uploads)
+        by_name = {display_name(u.name): u.blob.path for u in uploads}
+        if len(by_name) != len(uploads):
+            raise Invalid("two uploaded files have the same name")
+        # shard names resolve only among the files of this upload, never next to the blob (that
+        # directory holds other uploads' blobs)
+        listing = open_checkpoint_sandboxed(
+            primary.blob.path, shards=by_name, name=display_name(primary.name), limits=core.parse_limits
+        )
+        _check_storable(listing)
+        used = {str(p) for p in listing.files}
+        unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
+        if unused:
+            raise Invalid(f"uploaded files not named by the index: {', '.join(sorted(unused))[:300]}")
+        row, content = core.queries.register(
+            _content_key(uploads),
+            listing,
+            [StoredFile(display_name(u.name), u.blob.sha256, u.blob.size) for u in uploads],
+            {str(u.blob.path): u.blob.sha256 for u in uploads},
+            name=display_name(name or primary.name),
+            origin=origin,
+            provenance=provenance,
+        )
+    finally:
+        release_blobs(core, [u.blob for u in uploads])
+    if content.stats_state in (StatsState.PENDING, StatsState.FAILED):
+        core.jobs.submit_stats(content.key)
+    if origin == "upload":
+        core.metrics.inc("ckptscope_uploads_total")
+        core.metrics.inc("ckptscope_upload_bytes_total", row.size_bytes)
+    return row
+
+
+def get_checkpoint(core: Core, checkpoint_id: str) -> tuple[Checkpoint, Content]:
+    return core.queries.get_checkpoint(checkpoint_id)
+
+
+def list_checkpoints(core: Core) -> list[tuple[Checkpoint, Content]]:
+    return core.queries.list_checkpoints()
+
+
+def files_of(core: Core, content_key: str) -> list[FileRef]:
+    return core.queries.files_of(content_key)
+
+
+def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
+    # the last checkpoint of a content: this process's job stops; others notice the content is gone
+    discard_unreferenced(core, core.queries.delete_checkpoint(checkpoint_id, on_last_reference=core.jobs.cancel))
+
+
+# --- reading tensors -------------------------------------------------------------------------
+
+
+def tensor_page(core: Core, content: Content, root: str, **query: Any) -> TensorPage:
+    return core.queries.tensor_page(content, root, **query)
+
+
+def tensor_detail(core: Core, content: Content, root: str, name: str) -> tuple[TensorInfo, TensorStats | None]:
+    return core.queries.tensor_detail(content, root, name)
+
+
+def all_tensors(core: Core, content: Content, root: str = "") -> list[tuple[TensorInfo, TensorStats | None]]:
+    return core.queries.all_tensors(content, root)
+
+
+def module_tree(core: Core, content: Content, root: str) -> TreeNode:
+    """The module tree of a root, built once per (content, root, stats state)."""
+
+    def build() -> TreeNode:
+        pairs = all_tensors(core, content, root)
+        return build_tree([t for t, _ in pairs], {t.name: s for t, s in pairs if s is not None})
+
+    return core.trees.get((content.key, root, content.stats_state), build)
+
+
+def module_node(core: Core, content: Content, root: str, path: str) -> TreeNode:
+    node = module_tree(core, content, root).find(path)
+    if node is None:
+        raise NotFound(f"no module {path!r} in this checkpoint")
+    return node
+
+
+def progress(core: Core, content: Content) -> dict[str, Any] | None:
+    """Where the stats of a content stand, for a progress bar; None when they are done."""
+    if content.stats_state == StatsState.DONE:
+        return None
+    job_id = core.queries.jobs_for([content.key]).get(content.key)
+    job = None
+    if job_id:
+        try:
+            job = core.queries.get_job(job_id)
+        except NotFound:  # a claim lost to another process deletes the job that did not run
+            job = None
+    return {
+        "state": content.stats_state,
+        "error": content.stats_error,
+        "done": job.done if job else 0,
+        "total": job.total if job else 0,
+    }

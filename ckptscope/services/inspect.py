@@ -1,0 +1,73 @@
+"""Inspect a checkpoint file: listing, optional stats, the module tree, as JSON-ready data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptscope.formats import Checkpoint, TensorInfo, open_checkpoint
+from ckptscope.formats.model import contiguous_stride
+from ckptscope.stats import TensorStats, TreeNode, build_tree
+
+
+def tensor_record(t: TensorInfo, stats: TensorStats | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "name": t.name,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "numel": t.numel,
+        "nbytes": t.nbytes,
+        "kind": t.kind,
+        "alias_of": t.alias_of,
+        "contiguous": t.stride == contiguous_stride(t.shape),
+        "data_offset": t.data_offset,
+    }
+    if stats is not None:
+        record["stats"] = stats.to_json()
+    return record
+
+
+@dataclass(slots=True)
+class Inspection:
+    checkpoint: Checkpoint
+    root: str
+    tensors: list[TensorInfo]
+    stats: Mapping[str, TensorStats] | None
+    tree: TreeNode
+
+    def to_json(self) -> dict[str, Any]:
+        ckpt = self.checkpoint
+        stats = self.stats or {}
+        return {
+            "format": ckpt.format,
+            "root": self.root,
+            "default_root": ckpt.default_root,
+            "roots": [{"path": r.path, "tensor_count": r.tensor_count} for r in ckpt.roots],
+            "metadata": ckpt.metadata,
+            "warnings": ckpt.warnings,
+            "tensor_count": len(self.tensors),
+            "total_bytes": self.tree.nbytes,
+            "tensors": [tensor_record(t, stats.get(t.name)) for t in self.tensors],
+            "tree": self.tree.to_json(),
+        }
+
+
+def inspect_path(
+    path: str | Path,
+    *,
+    root: str | None = None,
+    with_stats: bool = True,
+    progress: Any = None,
+    device: str | None = None,
+) -> Inspection:
+    ckpt = open_checkpoint(path)
+    tensors = ckpt.root_tensors(root)
+    stats = None
+    if with_stats:
+        from ckptscope.stats.engine import compute_stats  # imports torch: only when stats are wanted
+        from ckptscope.stats.torch_engine import resolve_device
+
+        stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
+    return Inspection(ckpt, ckpt.default_root if root is None else root, tensors, stats, build_tree(tensors, stats))

@@ -1,0 +1,406 @@
+"""Copy, freeze, export and diff over lists of TensorInfo: the same code serves files (CLI) and
+catalogue entries (API, UI)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptscope.errors import Invalid, UnsupportedOutput
+from ckptscope.formats import TensorInfo
+from ckptscope.formats.model import DTYPES
+from ckptscope.formats.writers import OutputTensor, write_safetensors, write_torch_zip
+from ckptscope.stats.tree import module_order
+
+from .selection import normalize_mapping, normalize_prefix, rename, under, under_any
+
+
+def output_format_for(fmt: str) -> str:
+    """The file format a copy into a checkpoint of format ``fmt`` is written in."""
+    return "safetensors" if "safetensors" in fmt else "pt"
+
+
+def write_checkpoint(path: Path, outputs: Sequence[OutputTensor], fmt: str, metadata: dict[str, str]) -> None:
+    if fmt == "safetensors":
+        write_safetensors(path, dedupe_for_safetensors(outputs, metadata), metadata)
+    elif fmt == "pt":
+        write_torch_zip(path, outputs, metadata)
+    else:
+        raise UnsupportedOutput(f"unknown output format {fmt!r}; choose safetensors or pt")
+
+
+def dedupe_for_safetensors(outputs: Sequence[OutputTensor], metadata: dict[str, str]) -> list[OutputTensor]:
+    """safetensors refuses shared tensors: keep the first name of each tied group (as
+    ``safetensors.torch.save_model`` does) and record the dropped names in the metadata."""
+    kept: dict[tuple[object, ...], str] = {}
+    out: list[OutputTensor] = []
+    dropped: dict[str, str] = {}
+    for t in outputs:
+        ident = (*t.source.view_key, t.out_dtype)
+        if ident in kept:
+            dropped[t.name] = kept[ident]
+            continue
+        kept[ident] = t.name
+        out.append(t)
+    if dropped:
+        metadata["ckptscope.tied"] = json.dumps(dropped, sort_keys=True)
+    return out
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def plan_export(
+    tensors: Sequence[TensorInfo],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rename_map: Mapping[str, str] | None = None,
+) -> list[OutputTensor]:
+    inc = [normalize_prefix(p) for p in include] or [""]
+    exc = [normalize_prefix(p) for p in exclude]
+    mapping = normalize_mapping(rename_map or {})
+    outputs: list[OutputTensor] = []
+    names: dict[str, str] = {}
+    for t in tensors:
+        if not under_any(t.name, inc) or under_any(t.name, exc):
+            continue
+        new = rename(t.name, mapping) if mapping else None
+        new = t.name if new is None else new
+        if not new:
+            raise Invalid(f"renaming {t.name!r} leaves an empty name")
+        if new in names:
+            raise Invalid(f"renaming makes {names[new]!r} and {t.name!r} both {new!r}")
+        names[new] = t.name
+        outputs.append(OutputTensor(new, t))
+    if not outputs:
+        raise Invalid("the selection matches no tensor")
+    return outputs
+
+
+def source_metadata(metadata: Mapping[str, Any], fmt: str) -> dict[str, str]:
+    """What a new file keeps of its source's metadata: a safetensors source's own ``__metadata__``
+    (e.g. transformers' ``"format": "pt"``) when the new file is safetensors too, without the
+    ``ckptscope.*`` keys of an earlier export or copy (the new file gets its own)."""
+    if fmt != "safetensors":
+        return {}
+    prefix = "__metadata__."
+    return {
+        key: v
+        for k, v in metadata.items()
+        if k.startswith(prefix) and isinstance(v, str) and not (key := k[len(prefix) :]).startswith("ckptscope.")
+    }
+
+
+def export_metadata(
+    source_name: str,
+    source_sha256: str,
+    selection: Mapping[str, Any],
+    plan: FreezePlan | None,
+    source_meta: Mapping[str, Any],
+    fmt: str,
+) -> dict[str, str]:
+    """What an exported file records about where it came from (safetensors ``__metadata__``, or
+    ``ckptscope.json`` in a torch zip)."""
+    metadata = source_metadata(source_meta, fmt) | {
+        "ckptscope.source_sha256": source_sha256,
+        "ckptscope.source_name": source_name,
+        "ckptscope.selection": json.dumps(selection, sort_keys=True),
+    }
+    if plan is not None:
+        metadata["ckptscope.freeze_plan"] = json.dumps(plan.to_json(with_snippet=False), sort_keys=True)
+    return metadata
+
+
+def copy_metadata(target_meta: Mapping[str, Any], fmt: str, provenance: Mapping[str, Any]) -> dict[str, str]:
+    """What a copy's result records: the target's kept metadata and where the copied values came
+    from (``provenance``: the source, the target, the mapping, strictness)."""
+    return source_metadata(target_meta, fmt) | {"ckptscope.copy": json.dumps(provenance, sort_keys=True)}
+
+
+def export_with_plan(
+    tensors: Sequence[TensorInfo],
+    include: Sequence[str],
+    exclude: Sequence[str],
+    rename_map: Mapping[str, str] | None,
+    freeze: Sequence[str],
+) -> tuple[list[OutputTensor], FreezePlan | None]:
+    outputs = plan_export(tensors, include, exclude, rename_map)
+    plan = freeze_plan([o.source.renamed(o.name, None) for o in outputs], freeze) if freeze else None
+    return outputs, plan
+
+
+# --- freeze ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FreezePlan:
+    freeze: list[str]
+    frozen: list[str]
+    trainable: list[str]
+    buffers: list[str]
+    tied: dict[str, str]
+    unmatched_prefixes: list[str]
+    frozen_params: int
+    trainable_params: int
+    trainable_fraction: float
+
+    def to_json(self, with_snippet: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        if with_snippet:
+            out["snippet"] = self.snippet()
+        return out
+
+    def snippet(self) -> str:
+        prefixes = ", ".join(repr(p) for p in self.freeze)
+        return f'''import torch
+
+# Freeze plan generated by ckptscope: {len(self.frozen)} parameter tensors frozen
+# ({self.frozen_params:,} values), {len(self.trainable)} trainable ({self.trainable_params:,} values).
+FROZEN_MODULES = ({prefixes}{"," if len(self.freeze) == 1 else ""})
+FROZEN_PARAMS = {self.frozen_params}
+TRAINABLE_PARAMS = {self.trainable_params}
+
+
+def is_frozen(name: str) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in FROZEN_MODULES)
+
+
+def apply_freeze_plan(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Set requires_grad=False on the planned parameters; return the trainable ones."""
+    for name, param in model.named_parameters():
+        if is_frozen(name):
+            param.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if frozen != FROZEN_PARAMS:
+        raise RuntimeError(f"froze {{frozen}} values, the plan expects {{FROZEN_PARAMS}}: do the names match?")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# trainable = apply_freeze_plan(model)
+# optimizer = torch.optim.AdamW(trainable, lr=1e-4)  # optimizer over trainable parameters only
+'''
+
+
+def freeze_plan(tensors: Sequence[TensorInfo], freeze: Sequence[str]) -> FreezePlan:
+    if not freeze:
+        raise Invalid("name at least one module to freeze")
+    prefixes = [normalize_prefix(p) for p in freeze]
+    frozen, trainable, buffers = [], [], []
+    tied: dict[str, str] = {}
+    frozen_n = trainable_n = 0
+    matched = set()
+    for t in tensors:
+        hits = [p for p in prefixes if under(t.name, p)]
+        matched.update(hits)
+        if t.kind == "buffer":
+            buffers.append(t.name)
+            continue
+        if t.alias_of:  # one parameter seen under two names: counted once, like named_parameters()
+            tied[t.name] = t.alias_of
+            continue
+        if hits:
+            frozen.append(t.name)
+            frozen_n += t.numel
+        else:
+            trainable.append(t.name)
+            trainable_n += t.numel
+    total = frozen_n + trainable_n
+    return FreezePlan(
+        freeze=prefixes,
+        frozen=frozen,
+        trainable=trainable,
+        buffers=buffers,
+        tied=tied,
+        unmatched_prefixes=[p for p in prefixes if p not in matched],
+        frozen_params=frozen_n,
+        trainable_params=trainable_n,
+        trainable_fraction=trainable_n / total if total else 0.0,
+    )
+
+
+# --- copy -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CopyReport:
+    mapping: dict[str, str]
+    strict: bool
+    copied: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[dict[str, str]] = field(default_factory=list)
+    shape_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    dtype_changes: list[dict[str, str]] = field(default_factory=list)
+    outputs: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """What load_state_dict(strict=True) would accept."""
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mapping": self.mapping,
+            "strict": self.strict,
+            "ok": self.ok,
+            "copied": self.copied,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "shape_mismatches": self.shape_mismatches,
+            "dtype_changes": self.dtype_changes,
+            "counts": {
+                "copied": len(self.copied),
+                "missing": len(self.missing),
+                "unexpected": len(self.unexpected),
+                "shape_mismatches": len(self.shape_mismatches),
+                "dtype_changes": len(self.dtype_changes),
+            },
+        }
+
+
+def copy_report(
+    source: Sequence[TensorInfo], target: Sequence[TensorInfo], mapping: Mapping[str, str], strict: bool = True
+) -> CopyReport:
+    """What ``target_module.load_state_dict(source_module.state_dict(), strict=...)`` would do, and
+    the tensors of the result: the target's, with copied values (cast to the target's dtype, as
+    ``load_state_dict`` casts into the existing parameter)."""
+    if not mapping:
+        raise Invalid("mapping is empty: give at least one 'source prefix': 'target prefix'")
+    mapping = normalize_mapping(mapping)
+    report = CopyReport(mapping, strict)
+    by_name = {t.name: t for t in target}
+    chosen: dict[str, TensorInfo] = {}
+    mapped_from: dict[str, str] = {}
+    for s in source:
+        new = rename(s.name, mapping)
+        if new is None:
+            continue
+        if new in mapped_from:
+            raise Invalid(f"{mapped_from[new]!r} and {s.name!r} both map to {new!r}")
+        mapped_from[new] = s.name
+        t = by_name.get(new)
+        if t is None:
+            report.unexpected.append({"source": s.name, "target": new})
+            continue
+        if s.shape != t.shape:
+            report.shape_mismatches.append(
+                {"source": s.name, "target": new, "source_shape": list(s.shape), "target_shape": list(t.shape)}
+            )
+            continue
+        if DTYPES[s.dtype].category == "complex" and DTYPES[t.dtype].category != "complex":
+            report.shape_mismatches.append(
+                {
+                    "source": s.name,
+                    "target": new,
+                    "source_shape": list(s.shape),
+                    "target_shape": list(t.shape),
+                    "reason": "complex values cannot be copied into a real tensor",
+                }
+            )
+            continue
+        chosen[new] = s
+        change = None
+        if s.dtype != t.dtype:
+            change = {"from": s.dtype, "to": t.dtype}
+            report.dtype_changes.append({"target": new, **change})
+        report.copied.append({"source": s.name, "target": new, "shape": list(s.shape), "dtype_change": change})
+    targets = set(mapping.values())
+    touched = set(chosen) | {m["target"] for m in report.shape_mismatches}
+    report.missing = [t.name for t in target if under_any(t.name, targets) and t.name not in touched]
+    for t in target:
+        value = chosen.get(t.name)
+        report.outputs.append(
+            OutputTensor(t.name, value, t.dtype if value.dtype != t.dtype else None)
+            if value
+            else OutputTensor(t.name, t)
+        )
+    return report
+
+
+# --- diff -----------------------------------------------------------------------------------
+
+
+def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, Any]:
+    from ckptscope.stats.compare import compare
+
+    b_by_name = {t.name: t for t in b}
+    a_names = {t.name for t in a}
+    rows: list[dict[str, Any]] = []
+    for t in a:
+        other = b_by_name.get(t.name)
+        if other is None:
+            rows.append({"name": t.name, "status": "only_a", "shape_a": list(t.shape), "dtype_a": t.dtype})
+            continue
+        row: dict[str, Any] = {
+            "name": t.name,
+            "shape_a": list(t.shape),
+            "shape_b": list(other.shape),
+            "dtype_a": t.dtype,
+            "dtype_b": other.dtype,
+        }
+        if t.shape != other.shape:
+            row["status"] = "shape_changed"
+        else:
+            metrics = compare(t, other)
+            row.update(metrics)
+            row["status"] = (
+                "identical" if metrics["identical"] else "dtype_changed" if t.dtype != other.dtype else "changed"
+            )
+        rows.append(row)
+    rows.extend(
+        {"name": t.name, "status": "only_b", "shape_b": list(t.shape), "dtype_b": t.dtype}
+        for t in b
+        if t.name not in a_names
+    )
+    return {"tensors": rows, "tree": diff_tree(rows), "counts": _status_counts(rows)}
+
+
+STATUSES = ("identical", "changed", "dtype_changed", "shape_changed", "only_a", "only_b")
+
+
+def _status_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for r in rows:
+        counts[r["status"]] += 1
+    return counts
+
+
+def diff_tree(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Roll the per-tensor statuses up the module tree: counts per status, the largest absolute
+    difference and the lowest cosine similarity below each module."""
+
+    def node(name: str, path: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "path": path,
+            "counts": dict.fromkeys(STATUSES, 0),
+            "max_abs_diff": None,
+            "min_cosine": None,
+            "children": {},
+        }
+
+    root = node("", "")
+    for r in rows:
+        parts = r["name"].split(".")
+        chain = [root]
+        cur = root
+        for i, part in enumerate(parts[:-1]):
+            cur = cur["children"].setdefault(part, node(part, ".".join(parts[: i + 1])))
+            chain.append(cur)
+        for n in chain:
+            n["counts"][r["status"]] += 1
+            d, c = r.get("max_abs_diff"), r.get("cosine")
+            if d is not None and (n["max_abs_diff"] is None or d > n["max_abs_diff"]):
+                n["max_abs_diff"] = d
+            if c is not None and (n["min_cosine"] is None or c < n["min_cosine"]):
+                n["min_cosine"] = c
+
+    def finish(n: dict[str, Any]) -> dict[str, Any]:
+        children = n["children"]
+        n["children"] = [finish(children[part]) for part in module_order(list(children))]
+        n["changed"] = sum(v for k, v in n["counts"].items() if k != "identical") > 0
+        return n
+
+    return finish(root)

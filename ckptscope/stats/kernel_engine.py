@@ -1,0 +1,86 @@
+"""The C kernel engine: each chunk of a walk goes through the kernel's two fused loops (GIL
+released): pass 1 gathers the float64 sum, min/max and the non-zero count (NaN/Inf are only looked
+for when the sum shows they exist); pass 2 the centred sums and the histogram.
+
+The kernel is an optional extension (``_kernel.c``, built by ``setup.py`` where a C compiler
+exists). ``load_kernel`` says whether this process can use it, and why not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import mmap
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ckptscope.formats.model import TensorInfo
+
+from .model import TensorStats
+from .walk import Accumulator, Buffers, TensorWalker, plan_view, unsupported_note
+
+SOURCE = Path(__file__).with_name("_kernel.c")
+
+
+Kernel = ModuleType  # the module ckptscope.stats._kernel (typed in _kernel.pyi)
+
+
+@cache
+def load_kernel() -> tuple[Kernel | None, str]:
+    """The kernel module, or None with the reason it cannot be used (not built, or built from an
+    older ``_kernel.c`` than the one beside it, as after editing the source of an editable
+    install)."""
+    try:
+        kernel = importlib.import_module("ckptscope.stats._kernel")
+    except ImportError as exc:
+        return None, f"the C kernel is not built ({exc}); install a C compiler and reinstall ckptscope"
+    built_from = getattr(kernel, "SOURCE_SHA256", "unknown")
+    if SOURCE.exists() and built_from != hashlib.sha256(SOURCE.read_bytes()).hexdigest():
+        return None, "the C kernel was built from an older _kernel.c; reinstall ckptscope (pip install -e .) to rebuild"
+    return kernel, "the C kernel"
+
+
+def _pass1(kernel: Kernel, acc: Accumulator, c: torch.Tensor) -> bool:
+    """Returns True when the chunk held NaN/Inf (pass 2 then skips them)."""
+    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.data_ptr(), c.numel(), c.dtype == torch.float64)
+    acc.nonzero += nonzero
+    acc.nan += nan
+    acc.inf += inf
+    if finite:
+        acc.n += finite
+        acc.total += total
+        acc.lo = min(acc.lo, lo)
+        acc.hi = max(acc.hi, hi)
+    return bool(finite != c.numel())
+
+
+def _pass2(kernel: Kernel, acc: Accumulator, c: torch.Tensor, dirty: bool, mean: float) -> None:
+    shift, css = kernel.pass2(
+        c.data_ptr(), c.numel(), c.dtype == torch.float64, dirty, mean, acc.lo, acc.hist_scale(), acc.hist.data_ptr()
+    )
+    acc.shift += shift
+    acc.css += css
+
+
+def tensor_stats_with_kernel(
+    kernel: Kernel, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None
+) -> TensorStats:
+    """Statistics of one tensor whose bytes lie in ``mm`` (the mmap of ``info.storage.path``)."""
+    note = unsupported_note(info)
+    if note is not None:
+        return TensorStats(numel=info.numel, note=note)
+    plan = plan_view(info)
+    if info.numel == 0 or mm is None:
+        return TensorStats(numel=info.numel)
+    walker = TensorWalker(mm, info, plan, bufs or Buffers())
+    acc = Accumulator()
+    dirty = [_pass1(kernel, acc, c) for c in walker.chunks()]
+    mean = acc.total / acc.n if acc.n else 0.0
+    if acc.n:
+        for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
+            _pass2(kernel, acc, c, chunk_dirty, mean)
+    walker.release()
+    return acc.result(info.numel, plan.count, plan.factor, mean)

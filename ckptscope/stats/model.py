@@ -1,0 +1,75 @@
+"""The per-tensor statistics record (plain data, JSON without NaN/Inf literals).
+
+Each scalar statistic is declared once, here, as a field of ``TensorStats`` made with ``value()``
+or ``count()``: the catalogue's columns, the stored and JSON forms and the API schema are derived
+from these declarations (``STATISTICS``), so a new statistic is one edit (plus its migration).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
+
+HIST_BINS = 64
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def value(doc: str) -> Any:
+    """A float statistic of the finite values; None where it is not defined."""
+    return field(default=None, metadata={"statistic": "float", "doc": doc})
+
+
+def count(doc: str) -> Any:
+    """A count of elements."""
+    return field(default=0, metadata={"statistic": "int", "doc": doc})
+
+
+@dataclass(slots=True)
+class TensorStats:
+    """Statistics of one tensor. The float statistics and the histogram cover the finite values
+    only; ``nan`` and ``inf`` count the others. None means "not defined"."""
+
+    numel: int
+    mean: float | None = value("mean of the finite values; null when undefined")
+    std: float | None = value("Bessel-corrected, like torch.std; null for fewer than 2 finite values")
+    min: float | None = value("smallest finite value")
+    max: float | None = value("largest finite value")
+    l2: float | None = value("L2 norm of the finite values")
+    absmax: float | None = value("largest absolute finite value")
+    zeros: int = count("elements equal to zero")
+    nan: int = count("NaN elements")
+    inf: int = count("+Inf and -Inf elements")
+    hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+    hist_min: float | None = None
+    hist_max: float | None = None
+    note: str | None = None  # why some stats are absent (e.g. complex dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"numel": self.numel}
+        for s in STATISTICS:
+            v = getattr(self, s.name)
+            out[s.name] = finite_or_none(v) if s.is_float else v
+        out["hist"] = list(self.hist)
+        out["hist_min"] = finite_or_none(self.hist_min)
+        out["hist_max"] = finite_or_none(self.hist_max)
+        out["note"] = self.note
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Statistic:
+    name: str
+    is_float: bool  # float (None when undefined) or an integer count
+    doc: str
+
+
+def _declared(f: Field[Any]) -> Statistic | None:
+    kind = f.metadata.get("statistic")
+    return None if kind is None else Statistic(f.name, kind == "float", f.metadata["doc"])
+
+
+STATISTICS: tuple[Statistic, ...] = tuple(s for f in fields(TensorStats) if (s := _declared(f)) is not None)

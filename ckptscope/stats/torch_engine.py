@@ -1,0 +1,116 @@
+"""The torch-op engine: statistics with torch operations on any torch device. It is the engine on
+a CUDA GPU (``CKPTSCOPE_STATS_DEVICE=cuda``) and the fallback on the CPU where the C kernel is not
+built.
+
+Each tensor's distinct elements are copied to the device once, chunk by chunk straight from the
+file mapping (the same walker as the kernel engine), then reduced there in slices of
+``DEVICE_SLICE`` elements, which bounds the float64 temporaries. Definitions are the kernel's
+exactly: float64 sums, two-pass variance around the provisional mean, NaN/Inf counted and left out
+of the values, 64 bins over [min, max] with the maximum in the last bin.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import torch
+
+from ckptscope.formats.model import TensorInfo
+
+from .model import HIST_BINS, TensorStats
+from .walk import Accumulator, Buffers, TensorWalker, plan_view, unsupported_note
+
+DEVICE_SLICE = 1 << 26  # elements reduced at once on the device
+
+
+def resolve_device(requested: str | None) -> str | None:
+    """The torch device for stats from the CKPTSCOPE_STATS_DEVICE setting: None (the host CPU
+    engine) for "" or "host", a CUDA device for "auto" when one is present, else the name as given."""
+    if not requested or requested == "host":
+        return None
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"stats device {requested!r} asked for, but torch sees no CUDA device")
+    torch.empty(0, device=requested)  # refuses an unknown device name now, not at the first job
+    return requested
+
+
+def describe(device: str) -> str:
+    """A line for logs: which device computes the stats."""
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return f"{device} ({torch.cuda.get_device_name(index)})"
+    return device
+
+
+def tensor_stats_with_torch(
+    device: str, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None
+) -> TensorStats:
+    """On the CPU the walk's chunks are reduced as they come (each pass walks the file again, so
+    memory stays flat); on another device the distinct elements are copied there once and reduced
+    in slices."""
+    note = unsupported_note(info)
+    if note is not None:
+        return TensorStats(numel=info.numel, note=note)
+    if info.numel == 0 or mm is None:
+        return TensorStats(numel=info.numel)
+    plan = plan_view(info)
+    walker = TensorWalker(mm, info, plan, bufs or Buffers())
+    slices: Callable[[], Iterable[torch.Tensor]]
+    if device == "cpu":
+        slices = walker.chunks
+    else:
+        x = torch.empty(plan.count, dtype=walker.compute_dtype, device=device)
+        filled = 0
+        for chunk in walker.chunks():
+            x[filled : filled + chunk.numel()].copy_(chunk)
+            filled += chunk.numel()
+        walker.release()
+        slices = partial(x.split, DEVICE_SLICE)
+    acc = Accumulator()
+    dirty = [_pass1(acc, s) for s in slices()]
+    mean = acc.total / acc.n if acc.n else 0.0
+    if acc.n:
+        scale = acc.hist_scale()
+        hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of (x - m), of (x - m)^2
+        for s, s_dirty in zip(slices(), dirty, strict=True):
+            _pass2(s[torch.isfinite(s)] if s_dirty else s, mean, acc.lo, scale, hist, sums)
+        acc.shift, acc.css = sums.tolist()
+        acc.hist = hist.cpu()
+    walker.release()
+    return acc.result(info.numel, plan.count, plan.factor, mean)
+
+
+def _pass1(acc: Accumulator, s: torch.Tensor) -> bool:
+    """Sum, min/max, non-zero, NaN and Inf counts of one slice; True when it held NaN/Inf."""
+    acc.nonzero += int(torch.count_nonzero(s))
+    total = float(s.sum(dtype=torch.float64))
+    dirty = not math.isfinite(total)
+    if dirty:
+        nan = int(torch.isnan(s).sum())
+        finite = s[torch.isfinite(s)]
+        acc.nan += nan
+        acc.inf += s.numel() - nan - finite.numel()
+        s = finite
+        total = float(s.sum(dtype=torch.float64))
+    if s.numel():
+        lo, hi = torch.aminmax(s)
+        acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))
+        acc.n += s.numel()
+        acc.total += total
+    return dirty
+
+
+def _pass2(s: torch.Tensor, mean: float, lo: float, scale: float, hist: torch.Tensor, sums: torch.Tensor) -> None:
+    """Centred sums and histogram counts of one slice of finite values."""
+    s64 = s.to(torch.float64)
+    d = s64 - mean
+    sums[0] += d.sum()
+    sums[1] += torch.dot(d, d)
+    bins = (s64 - lo).mul_(scale).clamp_(0, HIST_BINS - 1).to(torch.int64)
+    hist += torch.bincount(bins, minlength=HIST_BINS)

@@ -1,0 +1,125 @@
+"""The module tree: dotted tensor names grouped into nested modules, with roll-ups."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptscope.formats.model import TensorInfo
+
+from .model import TensorStats
+
+
+def module_order(parts: Sequence[str]) -> list[str]:
+    """Name parts in file order, except that the integer ones (layers.0, layers.10) take the places
+    of integer parts in numeric order: ``["a", "10", "2", "b"]`` -> ``["a", "2", "10", "b"]``."""
+    numeric = iter(sorted((p for p in parts if p.isdigit()), key=int))
+    return [next(numeric) if p.isdigit() else p for p in parts]
+
+
+@dataclass(slots=True)
+class TreeNode:
+    name: str  # this path part ("" for the root)
+    path: str  # full dotted prefix ("" for the root)
+    children: dict[str, TreeNode] = field(default_factory=dict)
+    tensor: TensorInfo | None = None
+    tensor_count: int = 0
+    numel: int = 0
+    param_numel: int = 0  # parameters only, aliases counted once
+    buffer_count: int = 0
+    alias_count: int = 0
+    nbytes: int = 0  # aliases counted once
+    dtypes: dict[str, int] = field(default_factory=dict)
+    nan: int = 0
+    inf: int = 0
+
+    def child_list(self) -> list[TreeNode]:
+        """Children in file order, except that integer parts sort numerically (``module_order``)."""
+        return [self.children[k] for k in module_order(list(self.children))]
+
+    def find(self, path: str) -> TreeNode | None:
+        node: TreeNode | None = self
+        if path:
+            for part in path.split("."):
+                node = node.children.get(part) if node else None
+        return node
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "is_tensor": self.tensor is not None,
+            "has_children": bool(self.children),
+            "tensor_count": self.tensor_count,
+            "numel": self.numel,
+            "param_numel": self.param_numel,
+            "buffer_count": self.buffer_count,
+            "alias_count": self.alias_count,
+            "nbytes": self.nbytes,
+            "dtypes": dict(self.dtypes),
+            "nan": self.nan,
+            "inf": self.inf,
+        }
+
+    def to_json(self, depth: int | None = None) -> dict[str, Any]:
+        out = self.summary()
+        if depth is None or depth > 0:
+            out["children"] = [c.to_json(None if depth is None else depth - 1) for c in self.child_list()]
+        return out
+
+
+def build_tree(tensors: Iterable[TensorInfo], stats: Mapping[str, TensorStats] | None = None) -> TreeNode:
+    root = TreeNode("", "")
+    for t in tensors:
+        node = root
+        chain = [root]
+        for part in t.name.split("."):
+            child = node.children.get(part)
+            if child is None:
+                child = TreeNode(part, f"{node.path}.{part}" if node.path else part)
+                node.children[part] = child
+            node = child
+            chain.append(node)
+        node.tensor = t
+        s = stats.get(t.name) if stats else None
+        for n in chain:
+            n.tensor_count += 1
+            n.numel += t.numel
+            n.dtypes[t.dtype] = n.dtypes.get(t.dtype, 0) + 1
+            if t.alias_of:
+                n.alias_count += 1
+            else:
+                n.nbytes += t.nbytes
+                if t.kind == "parameter":
+                    n.param_numel += t.numel
+            if t.kind == "buffer":
+                n.buffer_count += 1
+            if s is not None:
+                n.nan += s.nan
+                n.inf += s.inf
+    return root
+
+
+class TreeCache:
+    """The most recently used module trees (a tree of a big checkpoint takes a while to build)."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._size = size
+        self._trees: OrderedDict[Hashable, TreeNode] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], TreeNode]) -> TreeNode:
+        with self._lock:
+            tree = self._trees.get(key)
+            if tree is not None:
+                self._trees.move_to_end(key)
+                return tree
+        tree = build()
+        with self._lock:
+            self._trees[key] = tree
+            while len(self._trees) > self._size:
+                self._trees.popitem(last=False)
+        return tree

@@ -1,0 +1,228 @@
+"""Walking a tensor's bytes: the view plan, chunked reads from a file mapping, and the running sums
+every stats engine (the C kernel, the torch-op engine on the CPU or a device) accumulates into.
+
+Each tensor is read zero-copy from an mmap of its file in chunks of ``CHUNK_ELEMENTS``. Half,
+bfloat16 and float8 chunks are upcast into a preallocated float32 buffer, integer and bool chunks
+into a float64 one; no whole-tensor copy is ever made. Finished ranges of big tensors are released
+with ``MADV_DONTNEED`` so resident memory stays flat whatever the file size.
+
+Stride-0 (expanded) views are never expanded: a walk covers the distinct elements and the counts
+are scaled by the expansion factor, which gives the same result exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ckptscope.formats.model import DTYPES, TensorInfo
+from ckptscope.formats.tensor_views import row_blocks, storage_tensor
+
+from .model import HIST_BINS, TensorStats
+
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: fewer Python round trips; the kernel streams it anyway
+RELEASE_BYTES = 16 << 20  # big tensors give their pages back every 16 MiB, in each pass
+WINDOW_BYTES = 64 << 20  # tensors up to this size are mapped once for both passes, released after
+_PAGE = mmap.PAGESIZE
+
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES if hasattr(torch, name)}
+
+
+@dataclass(frozen=True, slots=True)
+class ViewPlan:
+    """How to walk a tensor's distinct elements."""
+
+    dense: bool  # the elements are one contiguous run of the storage
+    start: int  # element offset of the run (dense) or of the view (strided)
+    count: int  # distinct elements
+    shape: tuple[int, ...]  # reduced view (stride-0 dims dropped), for strided walks
+    stride: tuple[int, ...]
+    factor: int  # how many times each distinct element appears in the logical tensor
+
+
+def plan_view(info: TensorInfo) -> ViewPlan:
+    factor = 1
+    shape: list[int] = []
+    stride: list[int] = []
+    for size, st in zip(info.shape, info.stride, strict=True):
+        if size == 1:
+            continue
+        if st == 0:
+            factor *= size
+            continue
+        shape.append(size)
+        stride.append(st)
+    count = math.prod(shape)
+    expected = 1
+    dense = True
+    for size, st in sorted(zip(shape, stride, strict=True), key=lambda p: p[1]):
+        if st != expected:
+            dense = False
+            break
+        expected *= size
+    return ViewPlan(dense, info.storage_offset, count, tuple(shape), tuple(stride), factor)
+
+
+def unsupported_note(info: TensorInfo) -> str | None:
+    """Why no statistics are computed for this tensor's dtype, if they are not."""
+    if DTYPES[info.dtype].category == "complex" or info.dtype not in TORCH_DTYPES:
+        return f"statistics are not computed for {info.dtype} tensors"
+    return None
+
+
+class Buffers:
+    """Per-thread upcast targets, allocated once."""
+
+    def __init__(self) -> None:
+        self.f32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+        self.f64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
+
+
+class TensorWalker:
+    """Yields a tensor's distinct elements as contiguous 1-D compute chunks (float32 or float64)."""
+
+    def __init__(self, mm: mmap.mmap, info: TensorInfo, plan: ViewPlan, bufs: Buffers) -> None:
+        self.mm = mm
+        self.info = info
+        self.plan = plan
+        self.dtype = TORCH_DTYPES[info.dtype]
+        category = DTYPES[info.dtype].category
+        self.upcast: torch.Tensor | None
+        if info.dtype in ("float32", "float64"):
+            self.upcast = None
+        elif category == "float":
+            self.upcast = bufs.f32
+        else:
+            self.upcast = bufs.f64
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the chunks this walker yields (float32 or float64)."""
+        return self.dtype if self.upcast is None else self.upcast.dtype
+
+    def _compute(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.upcast is None:
+            return raw if raw.is_contiguous() else raw.contiguous()  # the kernel reads raw memory
+        out = self.upcast[: raw.numel()]
+        out.copy_(raw)
+        return out
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        if self.plan.dense:
+            yield from self._dense_chunks()
+        else:
+            yield from self._strided_chunks()
+
+    def _dense_chunks(self) -> Iterator[torch.Tensor]:
+        itemsize = self.info.itemsize
+        base = self.info.storage.offset + self.plan.start * itemsize
+        released = base - base % _PAGE
+        release_each = self.plan.count * itemsize > WINDOW_BYTES
+        done = 0
+        while done < self.plan.count:
+            n = min(CHUNK_ELEMENTS, self.plan.count - done)
+            raw = torch.frombuffer(self.mm, dtype=self.dtype, count=n, offset=base + done * itemsize)
+            yield self._compute(raw)
+            del raw
+            done += n
+            end = base + done * itemsize
+            if release_each and end - released >= RELEASE_BYTES:
+                upto = end - end % _PAGE
+                self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                released = upto
+        if release_each:
+            self.release()
+
+    def release(self) -> None:
+        """Give the tensor's pages back (its whole range, whole pages only)."""
+        if not self.plan.dense:
+            return
+        itemsize = self.info.itemsize
+        start = self.info.storage.offset + self.plan.start * itemsize
+        end = start + self.plan.count * itemsize
+        start -= start % _PAGE
+        end -= end % _PAGE
+        if end > start:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _strided_chunks(self) -> Iterator[torch.Tensor]:
+        view = storage_tensor(self.mm, self.info).as_strided(self.plan.shape, self.plan.stride, self.plan.start)
+        for block in row_blocks(view, CHUNK_ELEMENTS):
+            for raw in block.reshape(-1).split(CHUNK_ELEMENTS):  # type: ignore[no-untyped-call]
+                yield self._compute(raw)
+
+
+class Accumulator:
+    """The running sums of one tensor. Pass 1 gathers the float64 sum, min/max, non-zero, NaN and
+    Inf counts, giving a provisional mean m; pass 2 sums (x - m) and (x - m)^2 in float64, which
+    corrects the mean exactly and gives the variance without cancellation, and fills the
+    histogram. Each engine fills these fields its own way; ``result`` is shared."""
+
+    def __init__(self) -> None:
+        self.n = 0  # finite values seen
+        self.total = 0.0
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.nonzero = 0
+        self.nan = 0
+        self.inf = 0
+        self.css = 0.0  # sum of (x - m)^2 around the provisional mean m
+        self.shift = 0.0  # sum of (x - m)
+        self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+
+    def hist_scale(self) -> float:
+        """Bins per unit: (x - lo) * scale lies in [0, 64]. The cap keeps it finite when hi - lo is
+        denormal-small; a constant tensor puts everything in bin 0."""
+        return min(HIST_BINS / (self.hi - self.lo), 1e300) if self.hi > self.lo else 0.0
+
+    def result(self, numel: int, distinct: int, factor: int, provisional_mean: float) -> TensorStats:
+        n = self.n * factor
+        bins = self.hist.tolist()
+        stats = TensorStats(
+            numel=numel,
+            zeros=(distinct - self.nonzero) * factor,
+            nan=self.nan * factor,
+            inf=self.inf * factor,
+            hist=[int(v) * factor for v in bins],
+        )
+        if self.n == 0:
+            return stats
+        delta = self.shift / self.n
+        mean = provisional_mean + delta
+        css = max(self.css - self.n * delta * delta, 0.0)
+        stats.mean = mean
+        stats.std = math.sqrt(css * factor / (n - 1)) if n > 1 else None
+        stats.min, stats.max = self.lo, self.hi
+        stats.l2 = math.sqrt((css + self.n * mean * mean) * factor)
+        stats.absmax = max(abs(self.lo), abs(self.hi))
+        stats.hist_min, stats.hist_max = self.lo, self.hi
+        return stats
+
+
+class MappedFiles:
+    """One read-only mmap per file, opened on first use, closed together."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> mmap.mmap | None:
+        with self._lock:
+            if path not in self._maps:
+                with open(path, "rb") as fh:
+                    size = fh.seek(0, 2)
+                    self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            return self._maps[path]
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a tensor still views it; the GC will unmap it
+                    pass

@@ -1,0 +1,170 @@
+"""Content-addressed blob store: files named by their sha256, written atomically.
+
+Bytes stream into a temp file in the store's own ``tmp/`` (same filesystem), are hashed as
+they arrive, fsynced, then renamed into place. An aborted write leaves nothing behind.
+Client file names are never used as paths.
+
+Several server processes may share the store. A blob that an upload has just written (or found
+already there) is *pinned* until the upload is registered or refused: a pin is a file
+``pins/<sha>.<token>``, made under the store's lock (an ``flock`` on ``blobs.lock``) in the same
+step that puts the blob in place. Deleting a blob takes the same lock and skips pinned blobs, so
+a deletion in one process can never remove the bytes another process is about to register.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptscope.errors import TooLarge
+
+from .file_lock import file_lock
+
+PIN_TTL_S = 24 * 3600  # a pin older than this was left by a crashed process
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    sha256: str
+    size: int
+    path: Path
+    pin: Path | None = None  # held until the upload is registered or refused (BlobStore.unpin)
+
+
+class BlobWriter:
+    def __init__(self, store: BlobStore, limit: int | None) -> None:
+        self._store = store
+        self._limit = limit
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        self._file = os.fdopen(fd, "wb")
+        self._temp = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._limit is not None and self.size > self._limit:
+            self.abort()
+            raise TooLarge(self._limit)
+        self._hash.update(data)
+        self._file.write(data)
+
+    def commit(self) -> Blob:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._store._place(self._temp, self._hash.hexdigest(), self.size)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.tmp_dir = root / "tmp"
+        self.pin_dir = root / "pins"
+        self.lock_path = root / "blobs.lock"
+        for folder in (self.blob_dir, self.tmp_dir, self.pin_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.blob_dir / sha256[:2] / sha256
+
+    def writer(self, limit: int | None = None) -> BlobWriter:
+        return BlobWriter(self, limit)
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path in the store's temp directory, for a file the server writes itself."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def adopt(self, temp: Path) -> Blob:
+        """Move a finished (fsynced) file from the temp directory into the store."""
+        digest = hashlib.sha256()
+        size = 0
+        with temp.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return self._place(temp, digest.hexdigest(), size)
+
+    def _place(self, temp: Path, sha: str, size: int) -> Blob:
+        """Pin the blob and move the finished temp file into place (or drop it: same bytes there)."""
+        final = self.path_for(sha)
+        pin = self.pin_dir / f"{sha}.{uuid.uuid4().hex}"
+        with file_lock(self.lock_path):
+            pin.touch()
+            try:
+                if final.exists():
+                    temp.unlink()
+                else:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(temp, final)
+                    _fsync_dir(final.parent)
+            except BaseException:
+                pin.unlink(missing_ok=True)
+                raise
+        return Blob(sha, size, final, pin)
+
+    def unpin(self, blob: Blob) -> None:
+        if blob.pin is not None:
+            blob.pin.unlink(missing_ok=True)
+
+    def _pinned(self, sha256: str) -> bool:
+        cutoff = time.time() - PIN_TTL_S
+        for pin in self.pin_dir.glob(f"{sha256}.*"):
+            try:
+                if pin.stat().st_mtime >= cutoff:
+                    return True
+                pin.unlink()
+            except FileNotFoundError:
+                pass
+        return False
+
+    def delete_unless(self, sha256: str, referenced: Callable[[], bool]) -> bool:
+        """Delete a blob unless it is pinned or ``referenced()`` (asked under the lock, so nothing
+        can pin it meanwhile). Returns whether it was deleted."""
+        path = self.path_for(sha256)
+        with file_lock(self.lock_path):
+            if self._pinned(sha256) or referenced():
+                return False
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only succeeds when no other blob shares the prefix directory
+            except OSError:
+                pass
+        return True
+
+    def clean_tmp(self, older_than_s: float = 6 * 3600) -> None:
+        """Remove temp files and pins a crashed process left behind (called at start-up). Only old
+        ones: another server process sharing the data directory may be mid-upload."""
+        now = time.time()
+        leftovers = [(p, older_than_s) for p in self.tmp_dir.glob("upload-*")]
+        leftovers += [(p, PIN_TTL_S) for p in self.pin_dir.iterdir()]
+        for leftover, max_age in leftovers:
+            try:
+                if leftover.stat().st_mtime < now - max_age:
+                    leftover.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,327 @@
+"""The catalogue's queries and the mapping between its rows and the records the rest of ckptscope
+uses (``TensorInfo``, ``TensorStats``). Routes and services ask this object; nothing above the
+store writes SQL."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, delete, func, select, update
+
+from ckptscope.errors import Invalid, NotFound
+from ckptscope.formats.model import Checkpoint as Listing
+from ckptscope.formats.model import StorageRef, TensorInfo, relative_name, resolve_root
+from ckptscope.stats.model import STATISTICS, TensorStats, finite_or_none
+from ckptscope.stats.tree import build_tree
+
+from .blobs import BlobStore
+from .catalogue import Catalogue, Checkpoint, Content, FileRef, Job, StatsState, TensorRow, dumps, retry_conflicts
+
+SORTABLE = ("position", "name", "numel", "nbytes", *(s.name for s in STATISTICS))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    name: str  # display name within the checkpoint
+    sha256: str
+    size: int
+
+
+@dataclass(slots=True)
+class TensorPage:
+    total: int
+    rows: list[tuple[TensorInfo, TensorStats | None]]
+
+
+def _like_prefix(prefix: str) -> str:
+    return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+class CatalogueQueries:
+    def __init__(self, catalogue: Catalogue, blobs: BlobStore) -> None:
+        self.catalogue = catalogue
+        self.blobs = blobs
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def get_checkpoint(self, checkpoint_id: str) -> tuple[Checkpoint, Content]:
+        with self.catalogue.session() as session:
+            row = session.get(Checkpoint, checkpoint_id)
+            if row is None:
+                raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
+            content = session.get(Content, row.content_key)
+            assert content is not None  # a foreign key
+            return row, content
+
+    def list_checkpoints(self) -> list[tuple[Checkpoint, Content]]:
+        with self.catalogue.session() as session:
+            rows = session.execute(
+                select(Checkpoint, Content)
+                .join(Content, Checkpoint.content_key == Content.key)
+                .order_by(Checkpoint.created_at.desc())
+            )
+            return [(c, k) for c, k in rows]
+
+    def files_of(self, content_key: str) -> list[FileRef]:
+        with self.catalogue.session() as session:
+            stmt = select(FileRef).where(FileRef.content_key == content_key).order_by(FileRef.name)
+            return list(session.scalars(stmt))
+
+    def register(
+        self,
+        key: str,
+        listing: Listing,
+        files: Sequence[StoredFile],
+        sha_of_path: dict[str, str],
+        *,
+        name: str,
+        origin: str,
+        provenance: dict[str, Any] | None,
+    ) -> tuple[Checkpoint, Content]:
+        """Add a checkpoint row named ``name`` for the content ``key``, and the content
+        with its files and tensor rows unless it is listed already. Another process may register
+        the same content at the same moment (the loser's insert conflicts) or delete it (the
+        checkpoint's reference fails): then the whole transaction runs again."""
+
+        def transaction() -> tuple[Checkpoint, Content]:
+            with self.catalogue.session() as session, session.begin():
+                content = session.get(Content, key)
+                if content is None:
+                    content = Content(
+                        key=key,
+                        format=listing.format,
+                        default_root=listing.default_root,
+                        roots=[{"path": r.path, "tensor_count": r.tensor_count} for r in listing.roots],
+                        meta=listing.metadata,
+                        warnings=listing.warnings,
+                        tensor_count=len(listing.tensors),
+                        total_bytes=build_tree(listing.tensors).nbytes,
+                        stats_state=StatsState.PENDING,
+                    )
+                    session.add(content)
+                    session.flush()
+                    session.add_all(FileRef(content_key=key, name=f.name, sha256=f.sha256, size=f.size) for f in files)
+                    if listing.tensors:
+                        session.execute(_tensors_table().insert(), _tensor_rows(key, listing, sha_of_path))
+                row = Checkpoint(
+                    name=name,
+                    content_key=key,
+                    size_bytes=sum(f.size for f in files),
+                    origin=origin,
+                    provenance=provenance,
+                )
+                session.add(row)
+            return row, content
+
+        return retry_conflicts(transaction)
+
+    def delete_checkpoint(self, checkpoint_id: str, on_last_reference: Callable[[str], None]) -> list[str]:
+        """Delete a checkpoint; when it was the last one of its content, the content too (after
+        ``on_last_reference(content_key)``). Returns the blobs the deleted content referenced. A
+        concurrent upload of the same content may add a checkpoint meanwhile: then it is kept."""
+
+        def transaction() -> list[str]:
+            with self.catalogue.session() as session, session.begin():
+                row = session.get(Checkpoint, checkpoint_id)
+                if row is None:
+                    raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
+                key = row.content_key
+                session.delete(row)
+                session.flush()
+                others = session.scalar(
+                    select(func.count()).select_from(Checkpoint).where(Checkpoint.content_key == key)
+                )
+                if others:
+                    return []
+                on_last_reference(key)
+                shas = list(session.scalars(select(FileRef.sha256).where(FileRef.content_key == key)))
+                session.execute(delete(TensorRow).where(TensorRow.content_key == key))
+                session.execute(delete(FileRef).where(FileRef.content_key == key))
+                session.execute(delete(Content).where(Content.key == key))
+                return shas
+
+        return retry_conflicts(transaction)
+
+    def blob_referenced(self, sha: str) -> bool:
+        with self.catalogue.session() as session:  # a fresh transaction: sees what others committed
+            stmt = select(func.count()).select_from(FileRef).where(FileRef.sha256 == sha)
+            return (session.scalar(stmt) or 0) > 0
+
+    # --- tensors ------------------------------------------------------------------------------
+
+    def row_to_info(self, row: TensorRow, root: str = "") -> TensorInfo:
+        storage = StorageRef(
+            str(self.blobs.path_for(row.file_sha)), row.storage_byte_offset, row.storage_nbytes, row.storage_key
+        )
+        return TensorInfo(
+            relative_name(row.name, root) or row.name,
+            row.dtype,
+            tuple(json.loads(row.shape)),
+            tuple(json.loads(row.stride)),
+            row.storage_offset,
+            storage,
+            row.kind,
+            relative_name(row.alias_of, root) if row.alias_of else None,
+        )
+
+    def tensor_page(
+        self,
+        content: Content,
+        root: str,
+        *,
+        prefix: str = "",
+        search: str = "",
+        kind: str | None = None,
+        only_nonfinite: bool = False,
+        sort: str = "position",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> TensorPage:
+        if sort not in SORTABLE:
+            raise Invalid(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE)}")
+        base = _root_filter(select(TensorRow), content, root, prefix)
+        if search:
+            base = base.where(func.lower(TensorRow.name).like("%" + _like_prefix(search.lower()), escape="\\"))
+        if kind in ("parameter", "buffer"):
+            base = base.where(TensorRow.kind == kind)
+        elif kind == "alias":
+            base = base.where(TensorRow.alias_of.is_not(None))
+        if only_nonfinite:
+            base = base.where((TensorRow.nan > 0) | (TensorRow.inf > 0))
+        column = getattr(TensorRow, sort)
+        order = [column.desc() if descending else column.asc(), TensorRow.position.asc()]
+        if sort not in ("position", "name", "numel", "nbytes"):
+            order.insert(0, column.is_(None))  # rows without stats last, either direction
+        with self.catalogue.session() as session:
+            total = session.scalar(select(func.count()).select_from(base.subquery()))
+            rows = session.scalars(base.order_by(*order).offset(offset).limit(limit)).all()
+        return TensorPage(total or 0, [(self.row_to_info(r, root), row_to_stats(r)) for r in rows])
+
+    def tensor_detail(self, content: Content, root: str, name: str) -> tuple[TensorInfo, TensorStats | None]:
+        full = f"{root}.{name}" if root else name
+        with self.catalogue.session() as session:
+            row = session.scalars(
+                select(TensorRow).where(TensorRow.content_key == content.key, TensorRow.name == full).limit(1)
+            ).first()
+        if row is None:
+            raise NotFound(f"no tensor named {name!r} under root {root!r}")
+        return self.row_to_info(row, root), row_to_stats(row)
+
+    def all_tensors(self, content: Content, root: str = "") -> list[tuple[TensorInfo, TensorStats | None]]:
+        with self.catalogue.session() as session:
+            stmt = _root_filter(select(TensorRow), content, root).order_by(TensorRow.position)
+            rows = session.scalars(stmt).all()
+        return [(self.row_to_info(r, root), row_to_stats(r)) for r in rows]
+
+    def stats_inputs(self, content_key: str) -> list[tuple[int, TensorInfo]]:
+        """Every tensor of a content with its position, full names: what a stats job reads."""
+        with self.catalogue.session() as session:
+            rows = session.scalars(select(TensorRow).where(TensorRow.content_key == content_key)).all()
+            return [(r.position, self.row_to_info(r)) for r in rows]
+
+    def save_stats(self, content_key: str, stats_by_position: dict[int, TensorStats]) -> int:
+        """Write computed stats; returns how many rows were updated (0 when the content is gone)."""
+        if not stats_by_position:
+            return 0
+        params = []
+        for position, s in stats_by_position.items():
+            param: dict[str, Any] = {"k": content_key, "p": position}
+            for stat in STATISTICS:
+                v = getattr(s, stat.name)
+                param[stat.name] = finite_or_none(v) if stat.is_float else v
+            hist = {
+                "bins": s.hist,
+                "min": finite_or_none(s.hist_min),
+                "max": finite_or_none(s.hist_max),
+                "note": s.note,
+            }
+            param["hist"] = dumps(hist)
+            params.append(param)
+        table = _tensors_table()
+        values: dict[str, Any] = {name: bindparam(name) for name in (*(s.name for s in STATISTICS), "hist")}
+        stmt = (
+            update(table)
+            .where(table.c.content_key == bindparam("k"), table.c.position == bindparam("p"))
+            .values(**values)
+        )
+        with self.catalogue.engine.begin() as conn:
+            return conn.execute(stmt, params).rowcount
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job:
+        with self.catalogue.session() as session:
+            job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return job
+
+    def jobs_for(self, content_keys: Sequence[str]) -> dict[str, str]:
+        """The newest stats job of each content that has one, in one query."""
+        newest: dict[str, str] = {}
+        with self.catalogue.session() as session:
+            stmt = (
+                select(Job.content_key, Job.id).where(Job.content_key.in_(set(content_keys))).order_by(Job.created_at)
+            )
+            for key, job_id in session.execute(stmt):
+                if key is not None:
+                    newest[key] = job_id  # ascending: the last one seen is the newest
+        return newest
+
+
+def check_root(content: Content, root: str | None) -> str:
+    """The root of ``content`` a request means (see ``resolve_root``)."""
+    return resolve_root(root, content.default_root, [r["path"] for r in content.roots])
+
+
+def row_to_stats(row: TensorRow) -> TensorStats | None:
+    if row.hist is None:
+        return None
+    hist = json.loads(row.hist)
+    values: dict[str, Any] = {}
+    for s in STATISTICS:
+        v = getattr(row, s.name)
+        values[s.name] = v if s.is_float else (v or 0)
+    return TensorStats(
+        numel=row.numel, hist=hist["bins"], hist_min=hist["min"], hist_max=hist["max"], note=hist.get("note"), **values
+    )
+
+
+def _tensors_table() -> Table:
+    return cast(Table, TensorRow.__table__)
+
+
+def _root_filter(stmt: Any, content: Content, root: str, prefix: str = "") -> Any:
+    stmt = stmt.where(TensorRow.content_key == content.key)
+    full = (root + "." if root else "") + prefix
+    if full:
+        stmt = stmt.where(TensorRow.name.like(_like_prefix(full), escape="\\"))
+    return stmt
+
+
+def _tensor_rows(key: str, listing: Listing, sha_of_path: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "content_key": key,
+            "position": i,
+            "name": t.name,
+            "dtype": t.dtype,
+            "shape": dumps(list(t.shape)),
+            "stride": dumps(list(t.stride)),
+            "numel": t.numel,
+            "nbytes": t.nbytes,
+            "kind": t.kind,
+            "alias_of": t.alias_of,
+            "file_sha": sha_of_path[t.storage.path],
+            "storage_key": t.storage.key,
+            "storage_byte_offset": t.storage.offset,
+            "storage_nbytes": t.storage.nbytes,
+            "storage_offset": t.storage_offset,
+        }
+        for i, t in enumerate(listing.tensors)
+    ]

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ckptscope.errors import CheckpointError, CkptscopeError, Invalid
+from ckptscope.stats.model import STATISTICS
 from ckptscope.units import human_bytes
 
 
@@ -57,17 +58,12 @@ def _print_inspection(data: dict[str, Any]) -> None:
     tree = Tree("[bold]modules[/bold]")
     add(tree, data["tree"])
     console.print(tree)
-    table = Table("name", "kind", "dtype", "shape", "mean", "std", "min", "max", "l2", "zeros", "nan", "inf")
+    columns = [s.name for s in STATISTICS]
+    table = Table("name", "kind", "dtype", "shape", *columns)
     for t in data["tensors"]:
         s = t.get("stats") or {}
         kind = t["kind"] + (f" = {t['alias_of']}" if t["alias_of"] else "")
-        table.add_row(
-            escape(t["name"]),
-            escape(kind),
-            t["dtype"],
-            str(t["shape"]),
-            *(_fmt(s.get(k)) for k in ("mean", "std", "min", "max", "l2", "zeros", "nan", "inf")),
-        )
+        table.add_row(escape(t["name"]), escape(kind), t["dtype"], str(t["shape"]), *(_fmt(s.get(k)) for k in columns))
     console.print(table)
 
 

@@ -1,7 +1,9 @@
-"""``ckptscope inspect`` run as a user runs it: a real subprocess."""
+"""``ckptscope`` run as a user runs it, a real subprocess: inspect, and copy/freeze/export/diff."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import subprocess
 import sys
@@ -10,10 +12,13 @@ import pytest
 import torch
 
 from tests import factories as f
+from tests.helpers import assert_state_equal, models
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptscope.cli", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptscope.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_inspect_json_has_tensors_stats_and_tree(tmp_path):
@@ -63,3 +68,41 @@ def test_unreadable_files_exit_nonzero_with_one_line(tmp_path):
     good = f.save_torch({"a": torch.zeros(1)}, tmp_path / "a.pt")
     out = run_cli("inspect", str(good), "--root", "nope")
     assert out.returncode == 2 and "no root 'nope'" in out.stderr
+
+
+def test_cli_copy_freeze_export_diff(tmp_path):
+    run = functools.partial(run_cli, timeout=180)
+    a, b = models()
+    pa = f.save_torch(a.state_dict(), tmp_path / "a.pt")
+    pb = f.save_safetensors(b.state_dict(), tmp_path / "b.safetensors")
+    out = tmp_path / "c.safetensors"
+    r = run("copy", str(pa), str(pb), "--map", "nn_same=nn_same", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    expected = copy.deepcopy(b)
+    expected.nn_same.load_state_dict(a.nn_same.state_dict())
+    from safetensors.torch import load_file
+
+    assert_state_equal(load_file(out), expected.state_dict())
+
+    r = run("copy", str(pa), str(pb), "--map", "nn_same=head", "--dry-run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["written"] is False
+    r = run("copy", str(pa), str(pb), "--map", "nn_same=head", "-o", str(tmp_path / "x.safetensors"))
+    assert r.returncode == 1 and "strict copy refused" in r.stderr and not (tmp_path / "x.safetensors").exists()
+
+    r = run("freeze", str(pa), "--freeze", "nn_same", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["trainable"] == ["head.weight", "head.bias"]
+    r = run("freeze", str(pa), "--freeze", "nn_same", "--snippet")
+    assert "requires_grad_(False)" in r.stdout
+
+    exported = tmp_path / "head.pt"
+    r = run("export", str(pa), "--include", "head", "--rename", "head=classifier", "-o", str(exported))
+    assert r.returncode == 0, r.stderr
+    got = torch.load(exported, weights_only=True)
+    assert set(got) == {"classifier.weight", "classifier.bias"} and torch.equal(got["classifier.weight"], a.head.weight)
+
+    r = run("diff", str(pb), str(out), "--json")
+    counts = json.loads(r.stdout)["counts"]
+    unchanged = [k for k, v in expected.state_dict().items() if torch.equal(v, b.state_dict()[k])]
+    assert counts["identical"] == len(unchanged) and counts["changed"] == len(b.state_dict()) - len(unchanged)
+    r = run("diff", str(pb), str(out))
+    assert "changed" in r.stdout and "nn_same.0.weight" in r.stdout

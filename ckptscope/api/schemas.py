@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from ckptscope.stats.model import STATISTICS
 
 
-class StatsOut(BaseModel):
+class _StatsBase(BaseModel):
     numel: int
-    mean: float | None = Field(description="over finite values; null when undefined")
-    std: float | None = Field(description="Bessel-corrected, like torch.std; null for fewer than 2 finite values")
-    min: float | None
-    max: float | None
-    l2: float | None
-    absmax: float | None
-    zeros: int
-    nan: int
-    inf: int
     hist: list[int] = Field(description="64 equal-width bins over [hist_min, hist_max] of the finite values")
     hist_min: float | None
     hist_max: float | None
-    note: str | None = None
+    note: str | None = Field(None, description="why some statistics are absent (e.g. a complex dtype)")
+
+
+def _stats_model() -> type[BaseModel]:
+    """The statistics as the API shows them: one field per declared statistic (STATISTICS)."""
+    fields: dict[str, Any] = {
+        s.name: (float | None, Field(description=s.doc)) if s.is_float else (int, Field(description=s.doc))
+        for s in STATISTICS
+    }
+    return create_model("StatsOut", __base__=_StatsBase, **fields)
+
+
+if TYPE_CHECKING:
+    StatsOut = _StatsBase
+else:
+    StatsOut = _stats_model()
 
 
 class TensorOut(BaseModel):

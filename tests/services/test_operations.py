@@ -1,4 +1,4 @@
-"""Copy, freeze, export and diff, checked by loading the results into real nn.Modules."""
+"""Copy, freeze, export and diff (through the API), checked by loading the results into real nn.Modules."""
 
 from __future__ import annotations
 
@@ -11,36 +11,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from torch import nn
 
 from tests import factories as f
-from tests.test_api import make_client, upload
-
-
-class TwoPart(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.nn_same = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.nn_same(x))
-
-
-def models(seed_a: int = 1, seed_b: int = 2) -> tuple[TwoPart, TwoPart]:
-    torch.manual_seed(seed_a)
-    a = TwoPart()
-    a.train()
-    a(torch.randn(8, 4))  # BatchNorm running stats differ from b's
-    torch.manual_seed(seed_b)
-    b = TwoPart()
-    return a, b
-
-
-@pytest.fixture
-def client(tmp_path):
-    with make_client(tmp_path / "data") as c:
-        yield c
+from tests.helpers import TwoPart, assert_state_equal, models, upload
 
 
 def download_state_dict(client, checkpoint_id: str) -> dict[str, torch.Tensor]:
@@ -49,12 +22,6 @@ def download_state_dict(client, checkpoint_id: str) -> dict[str, torch.Tensor]:
     if r.content[8:9] == b"{":
         return load_safetensors_bytes(r.content)
     return torch.load(io.BytesIO(r.content), weights_only=True)
-
-
-def assert_state_equal(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
@@ -315,47 +282,6 @@ def test_download_of_a_sharded_set_needs_a_file_name(client, tmp_path):
     assert r.status_code == 422 and "choose one with ?file=" in r.json()["detail"]
     r = client.get(f"/api/v1/checkpoints/{cid}/download", params={"file": index.name})
     assert r.status_code == 200 and r.content == index.read_bytes()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptscope.cli", *args], capture_output=True, text=True, timeout=180)
-
-
-def test_cli_copy_freeze_export_diff(tmp_path):
-    a, b = models()
-    pa = f.save_torch(a.state_dict(), tmp_path / "a.pt")
-    pb = f.save_safetensors(b.state_dict(), tmp_path / "b.safetensors")
-    out = tmp_path / "c.safetensors"
-    r = run_cli("copy", str(pa), str(pb), "--map", "nn_same=nn_same", "-o", str(out))
-    assert r.returncode == 0, r.stderr
-    expected = copy.deepcopy(b)
-    expected.nn_same.load_state_dict(a.nn_same.state_dict())
-    from safetensors.torch import load_file
-
-    assert_state_equal(load_file(out), expected.state_dict())
-
-    r = run_cli("copy", str(pa), str(pb), "--map", "nn_same=head", "--dry-run", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["written"] is False
-    r = run_cli("copy", str(pa), str(pb), "--map", "nn_same=head", "-o", str(tmp_path / "x.safetensors"))
-    assert r.returncode == 1 and "strict copy refused" in r.stderr and not (tmp_path / "x.safetensors").exists()
-
-    r = run_cli("freeze", str(pa), "--freeze", "nn_same", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["trainable"] == ["head.weight", "head.bias"]
-    r = run_cli("freeze", str(pa), "--freeze", "nn_same", "--snippet")
-    assert "requires_grad_(False)" in r.stdout
-
-    exported = tmp_path / "head.pt"
-    r = run_cli("export", str(pa), "--include", "head", "--rename", "head=classifier", "-o", str(exported))
-    assert r.returncode == 0, r.stderr
-    got = torch.load(exported, weights_only=True)
-    assert set(got) == {"classifier.weight", "classifier.bias"} and torch.equal(got["classifier.weight"], a.head.weight)
-
-    r = run_cli("diff", str(pb), str(out), "--json")
-    counts = json.loads(r.stdout)["counts"]
-    unchanged = [k for k, v in expected.state_dict().items() if torch.equal(v, b.state_dict()[k])]
-    assert counts["identical"] == len(unchanged) and counts["changed"] == len(b.state_dict()) - len(unchanged)
-    r = run_cli("diff", str(pb), str(out))
-    assert "changed" in r.stdout and "nn_same.0.weight" in r.stdout
 
 
 @pytest.mark.slow

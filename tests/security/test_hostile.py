@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from ckptscope.formats import CheckpointError, open_checkpoint
-from tests.conftest import database_env
+from tests.helpers import ROOT, database_env
 from tests.hostile_corpus import Case, build_corpus, positive_control
 from tests.servers import Server
 
@@ -167,7 +167,11 @@ def test_every_case_through_the_server(corpus, live_server):
 
 def test_corpus_script_runs_standalone(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "tests.hostile_corpus", str(tmp_path / "c")], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tests.hostile_corpus", str(tmp_path / "c")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)

@@ -1,14 +1,11 @@
 """Several real uvicorn processes sharing one data directory and one catalogue (SQLite, or
 PostgreSQL under scripts/with-postgres.sh): concurrent uploads, deletion racing an upload of the
-same bytes, a stats job whose checkpoint another process deletes, graceful shutdown, and
-schema migrations started by several processes at once."""
+same bytes, a stats job whose checkpoint another process deletes, graceful shutdown, and work of a
+crashed process taken over. (Migrations run by several processes at once: tests/store/test_migrations.py.)"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,25 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
 
-from ckptscope.config import Settings
-from ckptscope.store.catalogue import Base, Catalogue, make_engine
-from ckptscope.store.migrate import head_revision, upgrade
 from tests import factories as f
-from tests.conftest import ADMIN_URL, database_env
 from tests.servers import Server
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def shared(tmp_path):
-    """One data directory and one catalogue for every server a test starts."""
-    return tmp_path / "data", database_env()
 
 
 @pytest.fixture
@@ -84,16 +67,6 @@ def slow_checkpoint(tmp_path: Path, tensors: int = 40) -> Path:
     return f.save_safetensors(
         {f"layers.{i}.w": torch.randn(130, 130) for i in range(tensors)}, tmp_path / "slow.safetensors"
     )
-
-
-def test_the_catalogue_backend_is_the_one_asked_for(shared):
-    url = shared[1].get("CKPTSCOPE_DATABASE_URL")
-    shared[0].mkdir(parents=True)
-    catalogue = Catalogue(url or Settings(data_dir=shared[0]).resolved_database_url)
-    try:
-        assert catalogue.engine.dialect.name == ("postgresql" if ADMIN_URL else "sqlite")
-    finally:
-        catalogue.dispose()
 
 
 def test_concurrent_uploads_of_the_same_and_different_files(tmp_path, shared, servers):
@@ -187,63 +160,3 @@ def test_work_of_a_crashed_process_is_taken_over(tmp_path, shared, servers):
     assert b.get(f"/api/v1/jobs/{body['job_id']}")["state"] == "done"
     tensors = b.get(f"/api/v1/checkpoints/{ck['id']}/tensors?limit=100")["tensors"]
     assert all(t["stats"] is not None for t in tensors)
-
-
-def test_processes_starting_together_migrate_the_schema_once(shared):
-    data, env = shared
-    data.mkdir(parents=True)
-    full_env = {**os.environ, "CKPTSCOPE_DATA_DIR": str(data), **env}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ckptscope.cli", "migrate"],
-            env=full_env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0, 0]
-    assert all(f"revision {head_revision()}" in out for out in outputs)
-
-
-def test_migrations_build_exactly_the_models_schema(shared):
-    url = shared[1].get("CKPTSCOPE_DATABASE_URL") or Settings(data_dir=shared[0]).resolved_database_url
-    shared[0].mkdir(parents=True)
-    engine = make_engine(url)
-    try:
-        assert upgrade(engine) == head_revision()
-        with engine.connect() as conn:
-            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    finally:
-        engine.dispose()
-
-
-def test_a_catalogue_from_before_migrations_is_adopted_and_upgraded(shared):
-    """Catalogues made by create_all (revision 0001's tables, no alembic_version) keep their rows."""
-    from alembic import command
-
-    from ckptscope.store.migrate import _config
-
-    url = shared[1].get("CKPTSCOPE_DATABASE_URL") or Settings(data_dir=shared[0]).resolved_database_url
-    shared[0].mkdir(parents=True)
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            command.upgrade(_config(conn), "0001")
-            conn.execute(text("DROP TABLE alembic_version"))
-            conn.execute(
-                text(
-                    "INSERT INTO contents (key, format, default_root, roots, meta, warnings, tensor_count,"
-                    " total_bytes, stats_state) VALUES ('k', 'safetensors', '', '[]', '{}', '[]', 0, 0, 'done')"
-                )
-            )
-            conn.commit()
-        assert upgrade(engine) == head_revision()
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT stats_state FROM contents WHERE key = 'k'")).scalar() == "done"
-            columns = {c["name"] for c in inspect(conn).get_columns("contents")}
-            assert {"stats_owner", "stats_heartbeat"} <= columns
-    finally:
-        engine.dispose()

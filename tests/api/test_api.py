@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from ckptscope.config import Settings
-from ckptscope.main import create_app
 from tests import factories as f
-
-
-def make_client(data_dir: Path, **settings) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir, **settings)))
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def client(data_dir):
-    with make_client(data_dir) as c:
-        yield c
+from tests.helpers import make_client, upload, wait_stats
 
 
 def strict_json(text: str):
@@ -35,21 +17,6 @@ def strict_json(text: str):
         raise AssertionError(f"JSON carried a {name} literal")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def upload(client, path: Path, name: str | None = None, **kwargs):
-    with path.open("rb") as fh:
-        return client.post("/api/v1/checkpoints", files={"file": (name or path.name, fh)}, **kwargs)
-
-
-def wait_stats(client, checkpoint_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/v1/checkpoints/{checkpoint_id}").json()
-        if body["stats_state"] in ("done", "failed"):
-            return body
-        time.sleep(0.05)
-    raise AssertionError("stats did not finish")
 
 
 def leftovers(data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -281,38 +248,6 @@ def test_unknown_ids_are_404_problems(client):
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["detail"]
     assert client.delete("/api/v1/checkpoints/nope").status_code == 404
-
-
-def test_health_openapi_docs_and_security_headers(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
-    spec = client.get("/openapi.json").json()
-    assert "/api/v1/checkpoints" in spec["paths"] and "/api/v1/jobs/{job_id}" in spec["paths"]
-    assert not any(p == "/" or p.startswith("/checkpoints") for p in spec["paths"])  # pages stay out
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
-    assert client.get("/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
-    assert client.get("/static/vendor/htmx/htmx.min.js").status_code == 200
-    csp = docs.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
-    assert docs.headers["x-content-type-options"] == "nosniff"
-
-
-def test_no_cdn_anywhere():
-    root = Path(__file__).resolve().parent.parent
-    for path in [
-        *root.glob("ckptscope/web/templates/*.html"),
-        *root.glob("ckptscope/web/static/*.js"),
-        *root.glob("ckptscope/**/*.py"),
-    ]:
-        text = path.read_text()
-        for host in ("cdn.", "jsdelivr", "unpkg", "cdnjs"):
-            assert host not in text, f"{path} mentions {host}"
-
-
-def test_refuses_to_start_with_unsafe_torch_override(data_dir, monkeypatch):
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(RuntimeError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
-        create_app(Settings(data_dir=data_dir))
 
 
 def test_a_lone_index_cannot_reach_other_blobs(client, tmp_path):

@@ -1,4 +1,5 @@
-"""Service behaviour: bearer-token auth and the login form, health, readiness, metrics, request ids."""
+"""Service behaviour: bearer-token auth and the login form, health, the API docs and security headers,
+readiness, metrics, request ids, and the settings checked at start."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import shutil
 import pytest
 import torch
 
+from ckptscope.config import Settings
+from ckptscope.main import create_app
 from tests import factories as f
-from tests.test_api import make_client, upload, wait_stats
+from tests.helpers import make_client, upload, wait_stats
 
 TOKEN = "s3cret-token"
 
@@ -56,6 +59,20 @@ def test_pages_redirect_to_a_login_form_that_sets_a_cookie(secured):
 def test_login_never_redirects_off_site(secured, target):
     r = secured.post("/login", data={"token": TOKEN, "next": target}, follow_redirects=False)
     assert r.headers["location"] == "/"
+
+
+def test_health_openapi_docs_and_security_headers(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    spec = client.get("/openapi.json").json()
+    assert "/api/v1/checkpoints" in spec["paths"] and "/api/v1/jobs/{job_id}" in spec["paths"]
+    assert not any(p == "/" or p.startswith("/checkpoints") for p in spec["paths"])  # pages stay out
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
+    assert client.get("/static/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static/vendor/htmx/htmx.min.js").status_code == 200
+    csp = docs.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert docs.headers["x-content-type-options"] == "nosniff"
 
 
 def test_readyz_reports_a_missing_data_directory(tmp_path):
@@ -142,3 +159,9 @@ def test_serve_refuses_a_stats_device_it_does_not_have(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("ckptscope: CKPTSCOPE_STATS_DEVICE:")
+
+
+def test_refuses_to_start_with_unsafe_torch_override(data_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(RuntimeError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        create_app(Settings(data_dir=data_dir))

@@ -11,7 +11,7 @@ import torch
 from playwright.sync_api import expect
 
 from tests import factories as f
-from tests.conftest import database_env
+from tests.helpers import database_env, models
 from tests.servers import Server
 
 pytestmark = pytest.mark.e2e
@@ -213,8 +213,6 @@ def test_copy_freeze_export_and_compare_in_the_browser(server, page, tmp_path):
     import copy
     import io
     import json
-
-    from tests.test_operations import models
 
     a, b = models()
     upload_via_form(page, server, f.save_torch(b.state_dict(), tmp_path / "target-b.pt"))

@@ -1,0 +1,101 @@
+"""Helpers shared by test modules: the repository root, the catalogue database a test runs on, an
+in-process app and the calls most API tests make, and the two-part model the operation tests use."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from fastapi.testclient import TestClient
+from torch import nn
+
+from ckptscope.config import Settings
+from ckptscope.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- the catalogue database ------------------------------------------------------------------
+# By default every app a test makes keeps its catalogue in SQLite inside its data directory. With
+# CKPTSCOPE_TEST_DATABASE_URL (an admin URL of a PostgreSQL server; scripts/with-postgres.sh sets
+# it) each test gets a fresh PostgreSQL database instead, through CKPTSCOPE_DATABASE_URL, which
+# in-process apps and server subprocesses alike read (tests/conftest.py sets it for each test and
+# drops the databases at the end of the session).
+
+ADMIN_URL = os.environ.get("CKPTSCOPE_TEST_DATABASE_URL")
+made_databases: list[str] = []
+
+
+def fresh_database_url() -> str | None:
+    """A new empty PostgreSQL database's URL, or None when the tests run on SQLite."""
+    if not ADMIN_URL:
+        return None
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"ckptscope_test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    made_databases.append(name)
+    return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def database_env() -> dict[str, str]:
+    """Environment for a server subprocess: its own fresh database when on PostgreSQL."""
+    url = fresh_database_url()
+    return {"CKPTSCOPE_DATABASE_URL": url} if url else {}
+
+
+# --- an in-process app -----------------------------------------------------------------------
+
+
+def make_client(data_dir: Path, **settings) -> TestClient:
+    return TestClient(create_app(Settings(data_dir=data_dir, **settings)))
+
+
+def upload(client, path: Path, name: str | None = None, **kwargs):
+    with path.open("rb") as fh:
+        return client.post("/api/v1/checkpoints", files={"file": (name or path.name, fh)}, **kwargs)
+
+
+def wait_stats(client, checkpoint_id: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/v1/checkpoints/{checkpoint_id}").json()
+        if body["stats_state"] in ("done", "failed"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError("stats did not finish")
+
+
+# --- models for copy, freeze, export and diff ------------------------------------------------
+
+
+class TwoPart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nn_same = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.nn_same(x))
+
+
+def models(seed_a: int = 1, seed_b: int = 2) -> tuple[TwoPart, TwoPart]:
+    torch.manual_seed(seed_a)
+    a = TwoPart()
+    a.train()
+    a(torch.randn(8, 4))  # BatchNorm running stats differ from b's
+    torch.manual_seed(seed_b)
+    b = TwoPart()
+    return a, b
+
+
+def assert_state_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

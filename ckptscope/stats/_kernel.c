@@ -1,15 +1,20 @@
 /* The stats engine's two fused passes over one contiguous chunk of float32 or float64 values.
  *
- * pass1(address, count, is_double) -> (finite, sum, lo, hi, nonzero, nan, inf)
- * pass2(address, count, is_double, mean, lo, scale, hist_address) -> (shift, css)
+ * pass1(values, count, is_double) -> (finite, sum, lo, hi, nonzero, nan, inf)
+ * pass2(values, count, is_double, dirty, mean, lo, scale, hist) -> (shift, css)
+ *
+ * `values` is any buffer (buffer protocol) holding exactly `count` float32 (or float64) values;
+ * `hist` a writable buffer of exactly 64 int64 counts. Lengths are checked before any value is
+ * read, so a wrong call raises and never reads or writes outside the buffers.
  *
  * pass1 reads each value once for the float64 sum, min, max and non-zero count. NaN and Inf are
  * rare, so the fast loop does not look for them: a non-finite sum says one is there, and only then
  * a checking loop runs. pass2 reads each value once more for the centred sums (float64: exact
  * two-pass variance around the provisional mean) and the 64-bin histogram, whose bin ids are
  * computed in vectorised blocks and counted into four interleaved sub-histograms. Both release
- * the GIL, so the engine's threads run in parallel. The caller (engine.py) guarantees the address
- * points at `count` readable values of the stated width for the duration of the call.
+ * the GIL, so the engine's threads run in parallel (the buffers stay held while they run). Every
+ * float-to-int conversion is clamped at both ends first: a value below the histogram's lower bound
+ * (as when the file changed between the passes) lands in bin 0, one above it in bin 63, NaN in 0.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -80,21 +85,26 @@ typedef struct {
 DEFINE_PASS1(pass1_f32, float)
 DEFINE_PASS1(pass1_f64, double)
 
-/* Bin of one finite value: (v - lo) * scale lies in [0, 64] (a hair above 64 when rounded); the
- * maximum and anything rounded past it fold into the last bin. */
+/* Bin of one value: (v - lo) * scale lies in [0, 64] for values inside [lo, hi] (a hair above 64
+ * when rounded). The product is clamped to [0, 63] before the conversion (converting an
+ * out-of-range float to int is undefined behaviour in C): the maximum and anything past it fold
+ * into the last bin; anything below lo (the file changed since pass 1) and NaN into the first. */
 #define BIN_OF(v) bin_of((double)(v), lo, scale)
 
 static inline int32_t bin_of(double v, double lo, double scale) {
-    int32_t b = (int32_t)((v - lo) * scale);
-    return b < BINS - 1 ? b : BINS - 1;
+    double t = (v - lo) * scale;
+    t = t > 0.0 ? t : 0.0; /* NaN compares false: 0 */
+    t = t < (double)(BINS - 1) ? t : (double)(BINS - 1);
+    return (int32_t)t;
 }
 
 /* The same in float32 for float32 chunks (8 lanes per AVX2 operation instead of 4), used when the
- * range and the scale fit float32. v >= lo, so the product is >= 0; it is capped before the
- * conversion. */
+ * range and the scale fit float32. */
 static inline int32_t bin_of_f32(float v, float lo, float scale) {
     float t = (v - lo) * scale;
-    return (int32_t)(t < (float)(BINS - 1) ? t : (float)(BINS - 1));
+    t = t > 0.0f ? t : 0.0f;
+    t = t < (float)(BINS - 1) ? t : (float)(BINS - 1);
+    return (int32_t)t;
 }
 
 #define DEFINE_PASS2(NAME, T, FAST_BIN)                                                          \
@@ -147,53 +157,72 @@ static inline int32_t bin_of_f32(float v, float lo, float scale) {
 DEFINE_PASS2(pass2_f32, float, f32_bins ? bin_of_f32(b[j], lo32, scale32) : bin_of((double)b[j], lo, scale))
 DEFINE_PASS2(pass2_f64, double, bin_of((double)b[j], lo, scale))
 
-static int read_address(PyObject *obj, void **out) {
-    *out = PyLong_AsVoidPtr(obj);
-    return !(*out == NULL && PyErr_Occurred());
+/* The values buffer must hold exactly `n` values of the stated width. */
+static int check_values(const Py_buffer *buf, Py_ssize_t n, int is_double) {
+    Py_ssize_t itemsize = is_double ? (Py_ssize_t)sizeof(double) : (Py_ssize_t)sizeof(float);
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative count");
+        return 0;
+    }
+    if (n > PY_SSIZE_T_MAX / itemsize || buf->len != n * itemsize) {
+        PyErr_Format(PyExc_ValueError, "the values buffer has %zd bytes, not %zd values of %zd bytes", buf->len,
+                     n, itemsize);
+        return 0;
+    }
+    return 1;
 }
 
 static PyObject *kernel_pass1(PyObject *self, PyObject *args) {
-    PyObject *address;
+    Py_buffer values;
     Py_ssize_t n;
     int is_double;
-    void *ptr;
-    if (!PyArg_ParseTuple(args, "Onp", &address, &n, &is_double) || !read_address(address, &ptr))
+    if (!PyArg_ParseTuple(args, "y*np", &values, &n, &is_double))
         return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative count");
+    if (!check_values(&values, n, is_double)) {
+        PyBuffer_Release(&values);
         return NULL;
     }
     pass1_result r;
     Py_BEGIN_ALLOW_THREADS
     if (is_double)
-        pass1_f64((const double *)ptr, n, &r);
+        pass1_f64((const double *)values.buf, n, &r);
     else
-        pass1_f32((const float *)ptr, n, &r);
+        pass1_f32((const float *)values.buf, n, &r);
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values);
     return Py_BuildValue("LdddLLL", (long long)r.finite, r.sum, r.lo, r.hi, (long long)r.nonzero,
                          (long long)r.nan, (long long)r.inf);
 }
 
 static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
-    PyObject *address, *hist_address;
+    Py_buffer values, hist;
     Py_ssize_t n;
     int is_double, dirty;
     double mean, lo, scale, shift, css;
-    void *ptr, *hist;
-    if (!PyArg_ParseTuple(args, "OnppdddO", &address, &n, &is_double, &dirty, &mean, &lo, &scale,
-                          &hist_address) ||
-        !read_address(address, &ptr) || !read_address(hist_address, &hist))
+    if (!PyArg_ParseTuple(args, "y*nppdddw*", &values, &n, &is_double, &dirty, &mean, &lo, &scale, &hist))
         return NULL;
-    if (n < 0 || !(scale >= 0.0) || !isfinite(lo)) {
-        PyErr_SetString(PyExc_ValueError, "bad count, scale or lower bound");
+    int ok = check_values(&values, n, is_double);
+    if (ok && hist.len != (Py_ssize_t)(BINS * sizeof(int64_t))) {
+        PyErr_Format(PyExc_ValueError, "the histogram buffer has %zd bytes, not %d int64 counts", hist.len, BINS);
+        ok = 0;
+    }
+    if (ok && (!(scale >= 0.0) || !isfinite(scale) || !isfinite(lo))) {
+        PyErr_SetString(PyExc_ValueError, "bad scale or lower bound");
+        ok = 0;
+    }
+    if (!ok) {
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&hist);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     if (is_double)
-        pass2_f64((const double *)ptr, n, dirty, mean, lo, scale, (int64_t *)hist, &shift, &css);
+        pass2_f64((const double *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
     else
-        pass2_f32((const float *)ptr, n, dirty, mean, lo, scale, (int64_t *)hist, &shift, &css);
+        pass2_f32((const float *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&hist);
     return Py_BuildValue("dd", shift, css);
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import mmap
+from array import array
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +20,8 @@ import torch
 
 from ckptscope.formats.model import TensorInfo
 
-from .model import TensorStats
-from .walk import Accumulator, Buffers, TensorWalker, plan_view, unsupported_note
+from .model import HIST_BINS, TensorStats
+from .walk import Accumulator, Buffers, Chunk, TensorWalker, plan_view, unsupported_note
 
 SOURCE = Path(__file__).with_name("_kernel.c")
 
@@ -43,9 +44,10 @@ def load_kernel() -> tuple[Kernel | None, str]:
     return kernel, "the C kernel"
 
 
-def _pass1(kernel: Kernel, acc: Accumulator, c: torch.Tensor) -> bool:
+def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk) -> bool:
     """Returns True when the chunk held NaN/Inf (pass 2 then skips them)."""
-    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.data_ptr(), c.numel(), c.dtype == torch.float64)
+    n = c.values.numel()
+    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.buffer, n, c.values.dtype == torch.float64)
     acc.nonzero += nonzero
     acc.nan += nan
     acc.inf += inf
@@ -54,13 +56,13 @@ def _pass1(kernel: Kernel, acc: Accumulator, c: torch.Tensor) -> bool:
         acc.total += total
         acc.lo = min(acc.lo, lo)
         acc.hi = max(acc.hi, hi)
-    return bool(finite != c.numel())
+    return bool(finite != n)
 
 
-def _pass2(kernel: Kernel, acc: Accumulator, c: torch.Tensor, dirty: bool, mean: float) -> None:
-    shift, css = kernel.pass2(
-        c.data_ptr(), c.numel(), c.dtype == torch.float64, dirty, mean, acc.lo, acc.hist_scale(), acc.hist.data_ptr()
-    )
+def _pass2(kernel: Kernel, acc: Accumulator, c: Chunk, dirty: bool, mean: float, hist: array[int]) -> None:
+    n = c.values.numel()
+    is_double = c.values.dtype == torch.float64
+    shift, css = kernel.pass2(c.buffer, n, is_double, dirty, mean, acc.lo, acc.hist_scale(), hist)
     acc.shift += shift
     acc.css += css
 
@@ -80,7 +82,9 @@ def tensor_stats_with_kernel(
     dirty = [_pass1(kernel, acc, c) for c in walker.chunks()]
     mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
+        hist = array("q", bytes(8 * HIST_BINS))
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
-            _pass2(kernel, acc, c, chunk_dirty, mean)
+            _pass2(kernel, acc, c, chunk_dirty, mean, hist)
+        acc.hist = hist.tolist()
     walker.release()
     return acc.result(info.numel, plan.count, plan.factor, mean)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import torch
@@ -62,13 +62,14 @@ def tensor_stats_with_torch(
     walker = TensorWalker(mm, info, plan, bufs or Buffers())
     slices: Callable[[], Iterable[torch.Tensor]]
     if device == "cpu":
-        slices = walker.chunks
+        slices = partial(_values, walker)
     else:
         x = torch.empty(plan.count, dtype=walker.compute_dtype, device=device)
         filled = 0
         for chunk in walker.chunks():
-            x[filled : filled + chunk.numel()].copy_(chunk)
-            filled += chunk.numel()
+            n = chunk.values.numel()
+            x[filled : filled + n].copy_(chunk.values)
+            filled += n
         walker.release()
         slices = partial(x.split, DEVICE_SLICE)
     acc = Accumulator()
@@ -81,9 +82,14 @@ def tensor_stats_with_torch(
         for s, s_dirty in zip(slices(), dirty, strict=True):
             _pass2(s[torch.isfinite(s)] if s_dirty else s, mean, acc.lo, scale, hist, sums)
         acc.shift, acc.css = sums.tolist()
-        acc.hist = hist.cpu()
+        acc.hist = hist.cpu().tolist()
     walker.release()
     return acc.result(info.numel, plan.count, plan.factor, mean)
+
+
+def _values(walker: TensorWalker) -> Iterator[torch.Tensor]:
+    for chunk in walker.chunks():
+        yield chunk.values
 
 
 def _pass1(acc: Accumulator, s: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ import mmap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -76,11 +77,21 @@ def unsupported_note(info: TensorInfo) -> str | None:
 
 
 class Buffers:
-    """Per-thread upcast targets, allocated once."""
+    """Per-thread upcast targets, allocated once: Python-owned memory (``raw_*``) seen by torch
+    as tensors, so a chunk written there can be handed to the kernel as a buffer."""
 
     def __init__(self) -> None:
-        self.f32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
-        self.f64 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)
+        self.raw_f32 = bytearray(CHUNK_ELEMENTS * 4)
+        self.raw_f64 = bytearray(CHUNK_ELEMENTS * 8)
+        self.f32 = torch.frombuffer(self.raw_f32, dtype=torch.float32)
+        self.f64 = torch.frombuffer(self.raw_f64, dtype=torch.float64)
+
+
+class Chunk(NamedTuple):
+    """Contiguous float32 or float64 values: as a tensor, and as the buffer holding exactly them."""
+
+    values: torch.Tensor
+    buffer: memoryview
 
 
 class TensorWalker:
@@ -92,33 +103,31 @@ class TensorWalker:
         self.plan = plan
         self.dtype = TORCH_DTYPES[info.dtype]
         category = DTYPES[info.dtype].category
-        self.upcast: torch.Tensor | None
-        if info.dtype in ("float32", "float64"):
-            self.upcast = None
-        elif category == "float":
-            self.upcast = bufs.f32
+        # where a chunk is written when it is not read in place: an upcast, or a strided gather
+        if info.dtype == "float64" or category not in ("float",):
+            self.target, self.raw_target = bufs.f64, bufs.raw_f64
         else:
-            self.upcast = bufs.f64
+            self.target, self.raw_target = bufs.f32, bufs.raw_f32
+        self.in_place = info.dtype in ("float32", "float64")  # dense chunks are the file's own bytes
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the chunks this walker yields (float32 or float64)."""
-        return self.dtype if self.upcast is None else self.upcast.dtype
+        return self.target.dtype
 
-    def _compute(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.upcast is None:
-            return raw if raw.is_contiguous() else raw.contiguous()  # the kernel reads raw memory
-        out = self.upcast[: raw.numel()]
+    def _written(self, raw: torch.Tensor) -> Chunk:
+        n = raw.numel()
+        out = self.target[:n]
         out.copy_(raw)
-        return out
+        return Chunk(out, memoryview(self.raw_target)[: n * out.element_size()])
 
-    def chunks(self) -> Iterator[torch.Tensor]:
+    def chunks(self) -> Iterator[Chunk]:
         if self.plan.dense:
             yield from self._dense_chunks()
         else:
             yield from self._strided_chunks()
 
-    def _dense_chunks(self) -> Iterator[torch.Tensor]:
+    def _dense_chunks(self) -> Iterator[Chunk]:
         itemsize = self.info.itemsize
         base = self.info.storage.offset + self.plan.start * itemsize
         released = base - base % _PAGE
@@ -126,8 +135,13 @@ class TensorWalker:
         done = 0
         while done < self.plan.count:
             n = min(CHUNK_ELEMENTS, self.plan.count - done)
-            raw = torch.frombuffer(self.mm, dtype=self.dtype, count=n, offset=base + done * itemsize)
-            yield self._compute(raw)
+            start = base + done * itemsize
+            raw = torch.frombuffer(self.mm, dtype=self.dtype, count=n, offset=start)
+            if self.in_place:
+                with memoryview(self.mm) as whole, whole[start : start + n * itemsize] as view:
+                    yield Chunk(raw, view)
+            else:
+                yield self._written(raw)
             del raw
             done += n
             end = base + done * itemsize
@@ -150,11 +164,11 @@ class TensorWalker:
         if end > start:
             self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def _strided_chunks(self) -> Iterator[torch.Tensor]:
+    def _strided_chunks(self) -> Iterator[Chunk]:
         view = storage_tensor(self.mm, self.info).as_strided(self.plan.shape, self.plan.stride, self.plan.start)
         for block in row_blocks(view, CHUNK_ELEMENTS):
             for raw in block.reshape(-1).split(CHUNK_ELEMENTS):  # type: ignore[no-untyped-call]
-                yield self._compute(raw)
+                yield self._written(raw)
 
 
 class Accumulator:
@@ -173,7 +187,7 @@ class Accumulator:
         self.inf = 0
         self.css = 0.0  # sum of (x - m)^2 around the provisional mean m
         self.shift = 0.0  # sum of (x - m)
-        self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self.hist = [0] * HIST_BINS
 
     def hist_scale(self) -> float:
         """Bins per unit: (x - lo) * scale lies in [0, 64]. The cap keeps it finite when hi - lo is
@@ -182,7 +196,7 @@ class Accumulator:
 
     def result(self, numel: int, distinct: int, factor: int, provisional_mean: float) -> TensorStats:
         n = self.n * factor
-        bins = self.hist.tolist()
+        bins = self.hist
         stats = TensorStats(
             numel=numel,
             zeros=(distinct - self.nonzero) * factor,

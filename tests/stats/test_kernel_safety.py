@@ -1,0 +1,77 @@
+"""The C kernel takes buffers, checks their lengths against the count before reading, and clamps
+every float-to-int conversion: a wrong call raises, out-of-range values land in the end bins."""
+
+from __future__ import annotations
+
+import math
+from array import array
+
+import pytest
+
+from ckptscope.stats.kernel_engine import load_kernel
+
+kernel, why = load_kernel()
+pytestmark = pytest.mark.skipif(kernel is None, reason=f"the C kernel is not built: {why}")
+
+
+def f32(*values: float) -> bytes:
+    return array("f", values).tobytes()
+
+
+def f64(*values: float) -> bytes:
+    return array("d", values).tobytes()
+
+
+def hist() -> array:
+    return array("q", bytes(8 * 64))
+
+
+@pytest.mark.parametrize(
+    ("buffer", "count", "is_double"),
+    [
+        (f32(1, 2, 3), 4, False),  # one value short: would read past the end
+        (f32(1, 2, 3), 2, False),  # longer than the count
+        (f32(1, 2, 3), -1, False),
+        (f64(1, 2), 3, False),  # 16 bytes are 4 float32, not 3
+        (b"", 1, True),
+        (f32(1), 2**62, False),  # count * itemsize overflows
+    ],
+)
+def test_wrong_lengths_raise_before_reading(buffer, count, is_double):
+    with pytest.raises(ValueError):
+        kernel.pass1(buffer, count, is_double)
+    with pytest.raises(ValueError):
+        kernel.pass2(buffer, count, is_double, False, 0.0, 0.0, 1.0, hist())
+
+
+def test_addresses_and_bad_histograms_are_refused():
+    values = f32(1, 2, 3)
+    with pytest.raises(TypeError):
+        kernel.pass1(id(values), 3, False)  # a bare address is not a buffer
+    with pytest.raises(ValueError):
+        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, array("q", bytes(8 * 63)))
+    with pytest.raises(TypeError):
+        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, bytes(8 * 64))  # read-only
+    for scale, lo in ((-1.0, 0.0), (math.nan, 0.0), (math.inf, 0.0), (1.0, math.nan), (1.0, math.inf)):
+        with pytest.raises(ValueError):
+            kernel.pass2(values, 3, False, False, 0.0, lo, scale, hist())
+
+
+@pytest.mark.parametrize("is_double", [False, True])
+@pytest.mark.parametrize("dirty", [False, True])
+def test_values_outside_the_pass1_range_land_in_the_end_bins(is_double, dirty):
+    """As when a file changes between pass 1 and pass 2: lo=0, hi=64, then values far outside."""
+    values = [-3e9, -1e-3, 0.0, 10.5, 63.9, 64.0, 1e30, 3.0e38]
+    pack = f64 if is_double else f32
+    h = hist()
+    kernel.pass2(pack(*values), len(values), is_double, dirty, 32.0, 0.0, 1.0, h)
+    counts = h.tolist()
+    assert sum(counts) == len(values)
+    assert counts[0] == 3 and counts[10] == 1 and counts[63] == 4, counts
+
+
+def test_nan_in_a_chunk_that_pass1_called_clean_does_not_escape_the_histogram():
+    h = hist()
+    values = f32(1.0, math.nan, 2.0, -math.inf, math.inf)
+    kernel.pass2(values, 5, False, False, 1.5, 1.0, 64.0, h)  # dirty=False: the fast loop sees them
+    assert sum(h.tolist()) == 5 and all(c >= 0 for c in h.tolist())

@@ -3,17 +3,63 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from ckptscope.errors import CheckpointError, CkptscopeError, Invalid
 from ckptscope.stats.model import STATISTICS
+from ckptscope.text import make_storable, reveal, storable_text
 from ckptscope.units import human_bytes
+
+if TYPE_CHECKING:
+    from ckptscope.formats import Checkpoint
+
+
+class _FileError(Exception):
+    """An input file that could not be read: reported as ``ckptscope: PATH: reason``."""
+
+    def __init__(self, path: str, error: CkptscopeError) -> None:
+        super().__init__(str(error))
+        self.path = path
+        self.error = error
+
+
+def _say(line: str, *, err: bool = False) -> None:
+    """Print one line. Every line the CLI prints comes here: names, metadata, warnings and error
+    messages are attacker text, so no control character (ESC sequences, OSC 52 clipboard writes,
+    BEL, bidi overrides, newlines) ever reaches the terminal raw."""
+    print(reveal(line), file=sys.stderr if err else sys.stdout)
+
+
+def _rich(value: object) -> str:
+    """Attacker text for a rich table or tree: escaped for the terminal, then for rich markup."""
+    from rich.markup import escape
+
+    return escape(reveal(str(value)))
+
+
+def _open(path: str) -> Checkpoint:
+    """List one input file exactly as the server does: parsed in a fresh sandboxed child process
+    (the CKPTSCOPE_PARSE_* limits: memory, CPU time, wall clock), so a hostile file can hang,
+    crash or exhaust only that child, never this process or the next file; then the text rule of
+    the catalogue (``make_storable``). Statistics are computed here, on the validated listing."""
+    from ckptscope.config import Settings
+    from ckptscope.formats.sandbox import open_checkpoint_sandboxed
+
+    try:
+        # absolute: the child runs in another directory; shards=None: shards beside a local index
+        listing = open_checkpoint_sandboxed(os.path.abspath(path), limits=Settings().parse_limits, shards=None)
+        make_storable(listing)
+    except CkptscopeError as exc:
+        raise _FileError(path, exc) from None
+    return listing
 
 
 def _fmt(value: Any) -> str:
@@ -26,30 +72,29 @@ def _fmt(value: Any) -> str:
 
 def _print_inspection(data: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
     from rich.tree import Tree
 
     console = Console()
     console.print(
-        f"[bold]{escape(data['format'])}[/bold]: {data['tensor_count']} tensors, "
-        f"{human_bytes(data['total_bytes'])}, root {escape(repr(data['root']))}"
+        f"[bold]{_rich(data['format'])}[/bold]: {data['tensor_count']} tensors, "
+        f"{human_bytes(data['total_bytes'])}, root {_rich(repr(data['root']))}"
     )
     if len(data["roots"]) > 1:
-        roots = ", ".join(f"{escape(repr(r['path']))} ({r['tensor_count']})" for r in data["roots"])
+        roots = ", ".join(f"{_rich(repr(r['path']))} ({r['tensor_count']})" for r in data["roots"])
         console.print(f"roots: {roots}")
     for warning in data["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        console.print(f"[yellow]warning:[/yellow] {_rich(warning)}")
     if data["metadata"]:
         meta = Table("key", "value", title="metadata", show_lines=False)
         for key, value in list(data["metadata"].items())[:50]:
-            meta.add_row(escape(key), escape(json.dumps(value)[:120]))
+            meta.add_row(_rich(key), _rich(json.dumps(value, ensure_ascii=False)[:120]))
         console.print(meta)
 
     def add(branch: Tree, node: dict[str, Any]) -> None:
         for child in node.get("children", []):
             label = (
-                f"{escape(child['name'])}  [dim]{child['tensor_count']} tensors, {human_bytes(child['nbytes'])}[/dim]"
+                f"{_rich(child['name'])}  [dim]{child['tensor_count']} tensors, {human_bytes(child['nbytes'])}[/dim]"
             )
             if child["nan"] or child["inf"]:
                 label += f" [red]NaN {child['nan']} Inf {child['inf']}[/red]"
@@ -63,13 +108,15 @@ def _print_inspection(data: dict[str, Any]) -> None:
     for t in data["tensors"]:
         s = t.get("stats") or {}
         kind = t["kind"] + (f" = {t['alias_of']}" if t["alias_of"] else "")
-        table.add_row(escape(t["name"]), escape(kind), t["dtype"], str(t["shape"]), *(_fmt(s.get(k)) for k in columns))
+        table.add_row(_rich(t["name"]), _rich(kind), t["dtype"], str(t["shape"]), *(_fmt(s.get(k)) for k in columns))
     console.print(table)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ckptscope.services.inspect import inspect_path
+    from ckptscope.services.inspect import inspect_listing
 
+    listing = _open(args.path)
+    listing.resolve_root(args.root)  # an unknown root ends here, before any stats are computed
     progress_cb = None
     bar = None
     if not args.no_stats and sys.stderr.isatty():
@@ -83,8 +130,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
     try:
-        result = inspect_path(
-            args.path, root=args.root, with_stats=not args.no_stats, progress=progress_cb, device=args.device
+        result = inspect_listing(
+            listing, root=args.root, with_stats=not args.no_stats, progress=progress_cb, device=args.device
         )
     finally:
         if bar is not None:
@@ -113,8 +160,12 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _file_name(path: str) -> str:
+    """An input's file name as recorded in an output's metadata (as text any writer can store)."""
+    return str(storable_text(Path(path).name))
+
+
 def _write_atomically(out: str, write: Any) -> None:
-    import os
     import tempfile
 
     target = Path(out)
@@ -134,27 +185,25 @@ def _format_for_output(path: str, requested: str | None) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ckptscope.formats import open_checkpoint
     from ckptscope.services.operations import export_metadata, export_with_plan, write_checkpoint
 
-    ckpt = open_checkpoint(args.path)
+    ckpt = _open(args.path)
     root = ckpt.resolve_root(args.root)
     rename = _pairs(args.rename)
     outputs, plan = export_with_plan(ckpt.root_tensors(root), args.include, args.exclude, rename, args.freeze)
     fmt = _format_for_output(args.output, args.format)
     selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": rename}
-    metadata = export_metadata(Path(args.path).name, _sha256(args.path), selection, plan, ckpt.metadata, fmt)
+    metadata = export_metadata(_file_name(args.path), _sha256(args.path), selection, plan, ckpt.metadata, fmt)
     _write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
-    print(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
+    _say(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
     return 0
 
 
 def _cmd_copy(args: argparse.Namespace) -> int:
-    from ckptscope.formats import open_checkpoint
     from ckptscope.services.operations import copy_metadata, copy_report, output_format_for, write_checkpoint
 
-    src = open_checkpoint(args.source)
-    dst = open_checkpoint(args.target)
+    src = _open(args.source)
+    dst = _open(args.target)
     source_root, target_root = src.resolve_root(args.source_root), dst.resolve_root(args.target_root)
     strict = not args.no_strict
     report = copy_report(src.root_tensors(source_root), dst.root_tensors(target_root), _pairs(args.map), strict)
@@ -166,8 +215,8 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         fmt = output_format_for(dst.format)
         provenance = {
             "operation": "copy",
-            "source": {"name": Path(args.source).name, "sha256": _sha256(args.source), "root": source_root},
-            "target": {"name": Path(args.target).name, "sha256": _sha256(args.target), "root": target_root},
+            "source": {"name": _file_name(args.source), "sha256": _sha256(args.source), "root": source_root},
+            "target": {"name": _file_name(args.target), "sha256": _sha256(args.target), "root": target_root},
             "mapping": report.mapping,
             "strict": strict,
         }
@@ -178,52 +227,51 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         print(json.dumps({"written": written, "report": data}))
     else:
         counts = data["counts"]
-        print(
+        _say(
             f"copied {counts['copied']}, missing {counts['missing']}, unexpected {counts['unexpected']}, "
             f"shape mismatches {counts['shape_mismatches']}, dtype changes {counts['dtype_changes']}"
         )
         for key in ("missing", "unexpected", "shape_mismatches", "dtype_changes"):
             for item in data[key][:20]:
-                print(f"  {key}: {item}")
-        print(f"wrote {args.output}" if written else "nothing written")
+                _say(f"  {key}: {item}")
+        _say(f"wrote {args.output}" if written else "nothing written")
     if not args.dry_run and not report.ok and strict:
-        print("ckptscope: strict copy refused (use --no-strict to copy what fits)", file=sys.stderr)
+        _say("ckptscope: strict copy refused (use --no-strict to copy what fits)", err=True)
         return 1
     return 0
 
 
 def _cmd_freeze(args: argparse.Namespace) -> int:
-    from ckptscope.formats import open_checkpoint
     from ckptscope.services.operations import freeze_plan
 
-    ckpt = open_checkpoint(args.path)
+    ckpt = _open(args.path)
     plan = freeze_plan(ckpt.root_tensors(args.root), args.freeze)
     if args.snippet:
-        print(plan.snippet())
+        for line in plan.snippet().splitlines():  # Python source: names in it are repr()s
+            _say(line)
     elif args.json:
         print(json.dumps(plan.to_json()))
     else:
-        print(
+        _say(
             f"frozen: {len(plan.frozen)} tensors, {plan.frozen_params:,} values; "
             f"trainable: {len(plan.trainable)} tensors, {plan.trainable_params:,} values "
             f"({plan.trainable_fraction:.1%}); buffers (not parameters): {len(plan.buffers)}"
         )
         for prefix in plan.unmatched_prefixes:
-            print(f"warning: {prefix!r} matches no tensor", file=sys.stderr)
+            _say(f"warning: {prefix!r} matches no tensor", err=True)
     return 0
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from ckptscope.formats import open_checkpoint
     from ckptscope.services.operations import diff_tensors
 
-    a = open_checkpoint(args.a)
-    b = open_checkpoint(args.b)
+    a = _open(args.a)
+    b = _open(args.b)
     result = diff_tensors(a.root_tensors(args.a_root), b.root_tensors(args.b_root))
     if args.json:
         print(json.dumps(result))
         return 0
-    print(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    _say(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
     for row in result["tensors"]:
         if row["status"] != "identical":
             extra = ""
@@ -232,7 +280,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                     f" max|a-b| {row['max_abs_diff']:.4g} rel-L2 {_fmt(row.get('rel_l2'))}"
                     f" cos {_fmt(row.get('cosine'))}"
                 )
-            print(f"{row['status']:>14}  {row['name']}{extra}")
+            _say(f"{row['status']:>14}  {row['name']}{extra}")
     return 0
 
 
@@ -253,13 +301,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             resolve_device(settings.stats_device)
         except RuntimeError as exc:
-            print(f"ckptscope: CKPTSCOPE_STATS_DEVICE: {exc}", file=sys.stderr)
+            _say(f"ckptscope: CKPTSCOPE_STATS_DEVICE: {exc}", err=True)
             return 2
     if settings.api_token:
         log.info(f"authentication on: every page and API call needs the token; serving on {host}:{port}")
     else:
         where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "ALL INTERFACES"
         log.warning(f"no CKPTSCOPE_API_TOKEN set: no authentication, serving on {host}:{port} ({where})")
+    loopback_names = {"localhost", "127.0.0.1", "::1"}
+    served = settings.allowed_host_names  # None: any name
+    if host not in loopback_names and served is not None and served <= loopback_names:
+        allowed = settings.allowed_hosts
+        log.warning(
+            f"serving on {host}, but only requests for {allowed} are answered (others get 400 bad_host): "
+            "set CKPTSCOPE_ALLOWED_HOSTS to the names clients use"
+        )
     uvicorn.run(
         "ckptscope.main:create_app",
         factory=True,
@@ -280,7 +336,7 @@ def _cmd_migrate(_args: argparse.Namespace) -> int:
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)
     try:
-        print(f"catalogue schema at revision {upgrade(engine)} ({engine.url.render_as_string(hide_password=True)})")
+        _say(f"catalogue schema at revision {upgrade(engine)} ({engine.url.render_as_string(hide_password=True)})")
     finally:
         engine.dispose()
     return 0
@@ -343,19 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+    # a command's answer is its one stderr line; the sandbox's log lines stay out (serve configures logging)
+    package_log = logging.getLogger("ckptscope")
+    if not any(isinstance(h, logging.NullHandler) for h in package_log.handlers):
+        package_log.addHandler(logging.NullHandler())
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except _FileError as exc:
+        _say(f"ckptscope: {exc.path}: {exc.error}", err=True)
+        return 2
     except CheckpointError as exc:
-        print(f"ckptscope: {args.__dict__.get('path', '')}: {exc}", file=sys.stderr)
+        _say(f"ckptscope: {args.__dict__.get('path', '')}: {exc}", err=True)
         return 2
     except CkptscopeError as exc:
-        print(f"ckptscope: {exc}", file=sys.stderr)
+        _say(f"ckptscope: {exc}", err=True)
+        return 2
+    except OSError as exc:  # an output that cannot be written, a parser that cannot be started
+        _say(f"ckptscope: {exc}", err=True)
         return 2
     except ValidationError as exc:  # a CKPTSCOPE_* setting out of range
         first = exc.errors()[0]
         name = "CKPTSCOPE_" + "_".join(str(part) for part in first["loc"]).upper()
-        print(f"ckptscope: {name}: {first['msg']}", file=sys.stderr)
+        _say(f"ckptscope: {name}: {first['msg']}", err=True)
         return 2
 
 

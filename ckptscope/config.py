@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -12,6 +13,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ckptscope.formats.sandbox import Limits
 
 _DEVICE = re.compile(r"^(|host|auto|cpu|cuda(:\d+)?)$")
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
+
+
+def parse_allowed_hosts(value: str) -> frozenset[str] | None:
+    """``CKPTSCOPE_ALLOWED_HOSTS`` as a set of lower-case host names (IPv6 without brackets, no
+    trailing dot), or None for ``*`` (any host). Raises ValueError with the reason."""
+    names: set[str] = set()
+    for raw in value.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        if entry.startswith("[") and entry.endswith("]"):
+            entry = entry[1:-1]
+        if ":" in entry:
+            try:
+                ipaddress.IPv6Address(entry)
+            except ValueError:
+                raise ValueError(f"{raw.strip()!r} is not a host name (give names without a port)") from None
+        elif not _HOST_NAME.match(entry) or len(entry) > 253:
+            raise ValueError(f"{raw.strip()!r} is not a host name")
+        names.add(entry.rstrip("."))
+    if not names:
+        raise ValueError("name at least one host (or * for any)")
+    return frozenset(names)
 
 
 class Settings(BaseSettings):
@@ -25,8 +52,12 @@ class Settings(BaseSettings):
     job_stale_s: float = Field(60.0, gt=0)  # a stats claim not renewed this long is taken over
     stats_device: str = ""  # "" = the CPU engine; "cpu", "cuda", "cuda:N" or "auto" (CUDA when present)
     parse_memory_bytes: int = Field(2 * 1024**3, gt=0)
-    parse_cpu_seconds: int = Field(60, gt=0)
-    parse_timeout_s: float = Field(120.0, gt=0)
+    parse_cpu_seconds: int = Field(20, gt=0)
+    parse_timeout_s: float = Field(60.0, gt=0)
+    parallel_parses: int = Field(2, ge=1)  # uploads parsed at once; the others wait their turn
+    max_body_bytes: int = Field(1024**2, gt=0)  # every request body but the uploads'
+    allowed_hosts: str = "localhost,127.0.0.1,::1"  # Host header names served (DNS rebinding); * = any
+    session_ttl_s: float = Field(12 * 3600.0, gt=0)  # browser logins (CKPTSCOPE_API_TOKEN) expire after this
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -36,6 +67,17 @@ class Settings(BaseSettings):
         if not _DEVICE.match(value):
             raise ValueError("must be empty (the CPU engine), host, auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        parse_allowed_hosts(value)
+        return value
+
+    @property
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The Host names served; None when any is (``*``)."""
+        return parse_allowed_hosts(self.allowed_hosts)
 
     @property
     def resolved_database_url(self) -> str:

@@ -4,6 +4,8 @@ Everything below it gets its collaborators passed in."""
 
 from __future__ import annotations
 
+import threading
+
 from ckptscope.config import Settings
 from ckptscope.jobs.runner import JobRunner
 from ckptscope.metrics import Metrics
@@ -24,6 +26,7 @@ class Core:
         self.queries = CatalogueQueries(self.catalogue, self.blobs)
         self.trees = TreeCache()
         self.parse_limits = settings.parse_limits
+        self.parse_slots = threading.BoundedSemaphore(settings.parallel_parses)  # a queue, not N at 100% CPU
         self.jobs = JobRunner(
             self.catalogue,
             self.queries,

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from ckptscope import __version__, logs
 from ckptscope.api.routes import ops_router
@@ -21,7 +22,9 @@ from ckptscope.api.routes import router as api_router
 from ckptscope.config import Settings, get_settings
 from ckptscope.core import Core
 from ckptscope.http import problems
-from ckptscope.http.auth import is_authorized, is_open
+from ckptscope.http.auth import has_bearer, has_session, is_open
+from ckptscope.http.csrf import CsrfCookie
+from ckptscope.http.guards import AllowedHosts, BodyLimit, SameOrigin
 from ckptscope.http.service_routes import router as service_router
 from ckptscope.web.routes import router as web_router
 from ckptscope.web.templating import RENDERER, STATIC_DIR
@@ -88,10 +91,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    # Middleware runs outermost first: the request log (with the security headers), the Host and
+    # same-origin guards, the anti-CSRF cookie, auth, then the body cap. Each add_middleware call
+    # wraps what was added before it, so they are added innermost first. The body cap sits right
+    # above the routes: its error, raised while a route reads the body, must reach the route's
+    # exception handlers without crossing a BaseHTTPMiddleware (whose task groups would wrap it).
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
     @app.middleware("http")
     async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         token = settings.api_token
-        if token and not is_open(request.url.path) and not is_authorized(request, token):
+        if (
+            token
+            and not is_open(request.url.path)
+            and not has_bearer(request, token)
+            and not await run_in_threadpool(has_session, core.queries, request, token)
+        ):
             if problems.wants_html(request) and request.method == "GET":
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
@@ -101,6 +116,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response.headers["WWW-Authenticate"] = 'Bearer realm="ckptscope"'
             return response
         return await call_next(request)
+
+    app.add_middleware(CsrfCookie)
+    app.add_middleware(SameOrigin)
+    app.add_middleware(AllowedHosts, names=settings.allowed_host_names)
 
     @app.middleware("http")
     async def request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -128,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "fields": {
                     "request_id": request_id,
                     "method": request.method,
-                    "path": request.url.path,
+                    "path": request.scope["path"],
                     "status": response.status_code,
                     "ms": round(elapsed * 1e3, 2),
                     "client": request.client.host if request.client else None,

@@ -53,8 +53,17 @@ def database_env() -> dict[str, str]:
 # --- an in-process app -----------------------------------------------------------------------
 
 
-def make_client(data_dir: Path, **settings) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir, **settings)))
+def make_client(data_dir: Path, base_url: str = "http://localhost", **settings) -> TestClient:
+    """An in-process app. Its requests name ``localhost`` (one of the default CKPTSCOPE_ALLOWED_HOSTS),
+    not the TestClient's own ``testserver``, so tests run on the default settings."""
+    return TestClient(create_app(Settings(data_dir=data_dir, **settings)), base_url=base_url)
+
+
+def csrf_token(client) -> str:
+    """The anti-CSRF token of a client (a browser has it from the first page it loads)."""
+    if "ckptscope_csrf" not in client.cookies:
+        client.get("/login" if client.app.state.core.settings.api_token else "/")
+    return client.cookies["ckptscope_csrf"]
 
 
 def upload(client, path: Path, name: str | None = None, **kwargs):

@@ -106,3 +106,117 @@ def test_cli_copy_freeze_export_diff(tmp_path):
     assert counts["identical"] == len(unchanged) and counts["changed"] == len(b.state_dict()) - len(unchanged)
     r = run("diff", str(pb), str(out))
     assert "changed" in r.stdout and "nn_same.0.weight" in r.stdout
+
+
+# --- every input parsed in the server's sandbox --------------------------------------------------
+
+
+def _run_cli_env(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "ckptscope.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+def _one_line_refusal(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("ckptscope: "), out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr, out.stderr
+
+
+def _hash_bomb(path):
+    """A 167-byte pickle whose dict key is a tuple of 80 nested pairs of itself: hashing it takes
+    2**80 steps. Parsed in-process, the CLI would hang for good."""
+    path.write_bytes(b"\x80\x02}" + b")" + b"2\x86" * 80 + b"K\x01s.")
+    return path
+
+
+def test_cli_parses_every_input_in_a_fresh_sandbox(tmp_path, monkeypatch, capsys):
+    """No command parses a file in-process: each input goes to its own sandboxed child, with the
+    server's limits (CKPTSCOPE_PARSE_*) and shards looked up beside a local index."""
+    import ckptscope.formats
+    import ckptscope.formats.sandbox as sandbox
+    from ckptscope import cli
+    from ckptscope.config import Settings
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("the CLI parsed a file in its own process")
+
+    monkeypatch.setattr(ckptscope.formats, "open_checkpoint", in_process)
+    real = sandbox.open_checkpoint_sandboxed
+    calls = []
+
+    def recorded(path, **kwargs):
+        calls.append((str(path), kwargs))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(sandbox, "open_checkpoint_sandboxed", recorded)
+    monkeypatch.setenv("CKPTSCOPE_PARSE_CPU_SECONDS", "7")
+    monkeypatch.chdir(tmp_path)
+    a, b = models()
+    f.save_torch(a.state_dict(), tmp_path / "a.pt")
+    f.save_safetensors(b.state_dict(), tmp_path / "b.safetensors")
+    commands = [
+        (["inspect", "a.pt", "--no-stats"], ["a.pt"]),
+        (["inspect", "b.safetensors", "--json"], ["b.safetensors"]),
+        (["export", "a.pt", "--include", "head", "-o", "h.safetensors"], ["a.pt"]),
+        (["copy", "a.pt", "b.safetensors", "--map", "nn_same=nn_same", "--dry-run"], ["a.pt", "b.safetensors"]),
+        (["freeze", "a.pt", "--freeze", "nn_same"], ["a.pt"]),
+        (["diff", "a.pt", "b.safetensors"], ["a.pt", "b.safetensors"]),
+    ]
+    for argv, inputs in commands:
+        calls.clear()
+        assert cli.main(argv) == 0, capsys.readouterr()
+        assert [path for path, _ in calls] == [str(tmp_path / name) for name in inputs]  # absolute
+        for _, kwargs in calls:
+            assert kwargs == {"limits": Settings().parse_limits, "shards": None}
+            assert kwargs["limits"].cpu_seconds == 7
+    assert (tmp_path / "h.safetensors").exists()
+
+
+def test_cli_a_hanging_parse_ends_within_seconds_and_spares_the_next_file(tmp_path):
+    import time
+
+    bomb = _hash_bomb(tmp_path / "bomb.pkl")
+    good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
+    limits = {"CKPTSCOPE_PARSE_CPU_SECONDS": "2", "CKPTSCOPE_PARSE_TIMEOUT_S": "6"}
+    start = time.monotonic()
+    out = _run_cli_env("inspect", str(bomb), "--no-stats", timeout=60, **limits)
+    assert time.monotonic() - start < 30
+    _one_line_refusal(out, str(bomb))
+    for argv in (["diff", str(bomb), str(good)], ["diff", str(good), str(bomb)]):
+        _one_line_refusal(_run_cli_env(*argv, timeout=60, **limits), str(bomb))
+    out = _run_cli_env("diff", str(good), str(good), "--json", timeout=60, **limits)
+    assert out.returncode == 0 and json.loads(out.stdout)["counts"]["identical"] == 1
+
+
+def test_cli_parse_limits_apply_and_a_crashed_parser_is_one_line(tmp_path):
+    good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
+    for memory in ("1000000", "16000000"):  # the child cannot even start / cannot import the readers
+        out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_MEMORY_BYTES=memory)
+        _one_line_refusal(out, str(good))
+    out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_TIMEOUT_S="0")
+    _one_line_refusal(out, "CKPTSCOPE_PARSE_TIMEOUT_S")
+
+
+def test_cli_reads_a_sharded_set_beside_its_index(tmp_path):
+    tensors = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(4)}
+    index = f.sharded_safetensors(tmp_path, tensors)
+    out = run_cli("inspect", str(index), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["tensor_count"] == 4
+    assert {t["name"]: t["stats"]["mean"] for t in data["tensors"]} == {n: t.mean().item() for n, t in tensors.items()}
+
+
+def test_cli_output_that_cannot_be_written_is_one_line(tmp_path):
+    good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
+    out = run_cli("export", str(good), "-o", str(tmp_path / "no" / "such" / "dir.pt"))
+    _one_line_refusal(out, "No such file")

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ckptscope.core import Core
-from ckptscope.http.deps import CoreDep, RootQuery
+from ckptscope.http.deps import MAX_DEPTH, MAX_OFFSET, CoreDep, RootQuery
 from ckptscope.http.problems import problem
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.services import catalogue_ops as ops
@@ -138,7 +138,9 @@ def get_tree(
     core: CoreDep,
     root: RootQuery = None,
     path: Annotated[str, Query(description="dotted module path of the subtree to return")] = "",
-    depth: Annotated[int | None, Query(ge=0, description="levels of children to include; all when omitted")] = None,
+    depth: Annotated[
+        int | None, Query(ge=0, le=MAX_DEPTH, description="levels of children to include; all when omitted")
+    ] = None,
 ) -> dict[str, Any]:
     """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals)."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
@@ -158,7 +160,7 @@ def list_tensors(
     nonfinite: Annotated[bool, Query(description="only tensors with NaN or Inf")] = False,
     sort: Annotated[str, Query(description=f"one of {', '.join(SORTABLE)}")] = "position",
     desc: bool = False,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 100,
 ) -> Any:
     """Tensors with their stats (`stats` is null while the stats job is still running)."""

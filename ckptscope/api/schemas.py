@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, StringConstraints, create_model
 
 from ckptscope.stats.model import STATISTICS
+
+# Bounds of the operation requests (the body itself is capped by CKPTSCOPE_MAX_BODY_BYTES).
+MAX_TEXT = 4096  # characters of one id, root, prefix or name
+MAX_ITEMS = 10_000  # prefixes in include/exclude/freeze, entries in a mapping or rename
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+Prefixes = Annotated[list[Text], Field(max_length=MAX_ITEMS)]
+PrefixMap = Annotated[dict[Text, Text], Field(max_length=MAX_ITEMS)]
 
 
 class _StatsBase(BaseModel):
@@ -134,16 +141,16 @@ class TreeOut(BaseModel):
 
 
 class CopyRequest(BaseModel):
-    source: str = Field(description="checkpoint id to copy tensors from")
-    target: str = Field(description="checkpoint id to copy into (never modified; the result is a new checkpoint)")
-    mapping: dict[str, str] = Field(
+    source: Text = Field(description="checkpoint id to copy tensors from")
+    target: Text = Field(description="checkpoint id to copy into (never modified; the result is a new checkpoint)")
+    mapping: PrefixMap = Field(
         description="source prefix -> target prefix, e.g. {'encoder.': 'backbone.'}; "
         "{'module.': ''} strips a DDP prefix"
     )
     strict: bool = Field(True, description="refuse to write when any key is missing, unexpected or mis-shaped")
     dry_run: bool = Field(False, description="only report what would happen")
-    source_root: str | None = None
-    target_root: str | None = None
+    source_root: Text | None = None
+    target_root: Text | None = None
 
 
 class CopyResult(BaseModel):
@@ -153,17 +160,17 @@ class CopyResult(BaseModel):
 
 
 class FreezeRequest(BaseModel):
-    freeze: list[str] = Field(description="modules to freeze, e.g. ['backbone.', 'embed']")
-    root: str | None = None
+    freeze: Prefixes = Field(description="modules to freeze, e.g. ['backbone.', 'embed']")
+    root: Text | None = None
 
 
 class ExportRequest(BaseModel):
-    include: list[str] = Field(default_factory=list, description="modules/tensors to keep (all when empty)")
-    exclude: list[str] = Field(default_factory=list, description="modules/tensors to drop")
-    rename: dict[str, str] = Field(default_factory=dict, description="prefix renames, e.g. {'module.': ''}")
+    include: Prefixes = Field(default_factory=list, description="modules/tensors to keep (all when empty)")
+    exclude: Prefixes = Field(default_factory=list, description="modules/tensors to drop")
+    rename: PrefixMap = Field(default_factory=dict, description="prefix renames, e.g. {'module.': ''}")
     format: str = Field("safetensors", pattern="^(safetensors|pt)$")
-    freeze: list[str] = Field(default_factory=list, description="embed a freeze plan for these modules")
-    root: str | None = None
+    freeze: Prefixes = Field(default_factory=list, description="embed a freeze plan for these modules")
+    root: Text | None = None
 
 
 class ExportResult(CheckpointOut):

@@ -5,8 +5,6 @@ No FastAPI (and no torch) imports here.
 
 from __future__ import annotations
 
-import struct
-import zipfile
 from pathlib import Path
 
 from ckptscope.errors import CheckpointError
@@ -58,20 +56,37 @@ def _open_single(path: Path) -> Checkpoint:
     raise CheckpointError(code, message)
 
 
+_DAMAGED = {
+    "safetensors": ("corrupt_safetensors", "the safetensors file is damaged"),
+    "zip": ("corrupt_zip", "the zip archive is damaged"),
+    "pickle": ("corrupt_pickle", "the pickle is damaged"),
+    "json": ("corrupt_index", "the sharded index is damaged"),
+}
+
+
 def open_checkpoint(
     path: str | Path, *, resolve_shard: ShardResolver | None = None, name: str | None = None
 ) -> Checkpoint:
     """List a checkpoint. ``name`` is the client's file name, used only to tell which shard
-    format a sharded index expects; the format itself is always sniffed from content."""
+    format a sharded index expects; the format itself is always sniffed from content. Whatever
+    goes wrong inside a reader ends here as a CheckpointError in our words."""
     path = Path(path)
+    kind = "unknown"
     try:
+        kind = sniff(path)
         with paused_gc():
-            if sniff(path) == "json":
+            if kind == "json":
                 return read_sharded(path, _open_single, resolve_shard, name)
             return _open_single(path)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, EOFError, ValueError, OverflowError) as exc:
-        raise CheckpointError("corrupt", f"unreadable file: {type(exc).__name__}: {exc}"[:300]) from None
     except OSError as exc:
-        raise CheckpointError("unreadable", f"cannot read the file: {exc.strerror or exc}") from None
+        raise CheckpointError("unreadable", f"cannot read the file: {exc.strerror or 'input/output error'}") from None
+    except MemoryError:
+        raise CheckpointError("limit_exceeded", "reading the file needs more memory than allowed") from None
+    except RecursionError:
+        code, what = _DAMAGED.get(kind, ("corrupt", "the file is damaged"))
+        raise CheckpointError(code, f"{what}: it nests too deeply") from None
+    except Exception:  # a reader met bytes it did not expect: never Python's words in the answer
+        code, what = _DAMAGED.get(kind, ("corrupt", "the file is damaged"))
+        raise CheckpointError(code, f"{what}: its structure does not follow the format") from None

@@ -35,33 +35,51 @@ MAX_ROOT_DEPTH = 2
 MAX_METADATA_ITEMS = 2000
 MAX_NESTING = 200
 MAX_LEAVES = 2_000_000  # shared references can make a tiny pickle an exponentially large tree
+MAX_SHARED_VISITS = 1000  # paths that may lead to one dict/list/tuple (real files: one or two)
 MAX_NUMEL = 2**36  # elements in one tensor: far above any real tensor, far below an abuse
 
 StorageLocator = Callable[[PickledStorage], StorageRef]
 
 
-def _walk(obj: Any, path: tuple[str, ...], budget: list[int], depth: int = 0) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Yield (key path, leaf) for every leaf; dicts, lists and tuples are descended into."""
-    if depth > MAX_NESTING:
-        raise CheckpointError("corrupt_pickle", "checkpoint object nests too deeply")
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise CheckpointError("limit_exceeded", f"checkpoint object has more than {MAX_LEAVES} entries")
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _walk(value, (*path, str(key)), budget, depth + 1)
-    elif isinstance(obj, list | tuple) and any(isinstance(v, dict | list | tuple | PickledTensor) for v in obj):
-        for index, value in enumerate(obj):
-            yield from _walk(value, (*path, str(index)), budget, depth + 1)
-    else:
-        yield path, obj
+def _walk(obj: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Yield (key path, leaf) for every leaf, in order; dicts, lists and tuples holding containers
+    or tensors are descended into. Iterative (a generator chain as deep as the nesting would make
+    each step cost the depth), and bounded: a container shared under many paths is visited under
+    each, so a tiny pickle can unfold to an exponentially large tree."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), obj)]
+    visited = 0
+    visits: dict[int, int] = {}  # container id -> times reached
+    while stack:
+        path, node = stack.pop()
+        visited += 1
+        if visited > MAX_LEAVES:
+            raise CheckpointError("limit_exceeded", f"checkpoint object has more than {MAX_LEAVES} entries")
+        if len(path) > MAX_NESTING:
+            raise CheckpointError("corrupt_pickle", "checkpoint object nests too deeply")
+        if isinstance(node, dict | list | tuple) and node:
+            seen = visits[id(node)] = visits.get(id(node), 0) + 1
+            if seen > MAX_SHARED_VISITS:
+                raise CheckpointError(
+                    "limit_exceeded",
+                    f"one container of the checkpoint is reached by more than {MAX_SHARED_VISITS} paths "
+                    "(shared references that unfold exponentially)",
+                )
+        if isinstance(node, dict):
+            children = [((*path, str(key)), value) for key, value in node.items()]
+        elif isinstance(node, list | tuple) and any(isinstance(v, dict | list | tuple | PickledTensor) for v in node):
+            children = [((*path, str(index)), value) for index, value in enumerate(node)]
+        else:
+            yield path, node
+            continue
+        stack.extend(reversed(children))
 
 
 def plain_value(value: Any) -> Any:
     """A JSON-safe rendering of a non-tensor leaf (attacker text stays text)."""
     if value is None or isinstance(value, bool | int | str):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
-            return str(value)
+            # str() of a huge int is quadratic (and refused past 4300 digits)
+            return str(value) if value.bit_length() <= 256 else f"<int of {value.bit_length()} bits>"
         return value[:1000] if isinstance(value, str) else value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
@@ -111,7 +129,7 @@ def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str
     bearing: dict[str, int] = {}
     if isinstance(obj, PickledTensor):
         obj = {"tensor": obj}
-    for path, leaf in _walk(obj, (), [MAX_LEAVES]):
+    for path, leaf in _walk(obj):
         name = ".".join(path)
         if isinstance(leaf, PickledTensor):
             if leaf.dtype not in DTYPES:

@@ -102,12 +102,32 @@ def _shape(name: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _metadata(value: Any) -> dict[str, str]:
+    """``__metadata__`` as the safetensors library reads it (``Option<HashMap<String, String>>``):
+    absent or ``null``, or an object of strings; ``[]``, ``0``, ``""``, ``false`` and non-string
+    values are refused, as ``safe_open`` refuses them."""
+    if value is None:
+        return {}
+    if value.__class__ is not dict:
+        raise _bad(f"safetensors __metadata__ must be an object of strings, not {_json_type(value)}")
+    for key, item in value.items():
+        if item.__class__ is not str:
+            raise _bad(f"safetensors __metadata__ value of {key[:80]!r} is {_json_type(item)}, not a string")
+    metadata: dict[str, str] = value
+    return metadata
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(value.__class__, "a number" if value.__class__ is float else "null")
+
+
 def read_safetensors(path: str | Path) -> Checkpoint:
     path = Path(path)
     header, data_start, file_size = read_header(path)
-    raw_meta = header.pop("__metadata__", None) or {}
-    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
-        raise _bad("safetensors __metadata__ must map strings to strings")
+    raw_meta = _metadata(header.pop("__metadata__", None))
     if len(header) > MAX_TENSORS:
         raise CheckpointError("limit_exceeded", f"safetensors header lists {len(header)} tensors (limit {MAX_TENSORS})")
     data_size = file_size - data_start

@@ -12,6 +12,7 @@ Run as ``python -m ckptscope.formats.sandbox`` with a JSON request on stdin; pri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from ckptscope.errors import CheckpointError
 
 from .model import Checkpoint, checkpoint_from_json, checkpoint_to_json
 
+log = logging.getLogger("ckptscope.sandbox")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BLOCKED_EVENTS = (
     "os.system",
@@ -110,6 +112,8 @@ def _worker() -> int:
         answer = {"ok": False, "code": "limit_exceeded", "message": "reading the file needs more memory than allowed"}
     except RecursionError:
         answer = {"ok": False, "code": "corrupt", "message": "the file nests too deeply"}
+    except Exception:  # open_checkpoint maps readers' errors; this is the last line of defence
+        answer = {"ok": False, "code": "parser_crashed", "message": "the parser failed on this file"}
     if violations:
         answer = {
             "ok": False,
@@ -167,7 +171,8 @@ def open_checkpoint_sandboxed(
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         if "MemoryError" in tail[0]:
             raise CheckpointError("limit_exceeded", "reading the file needs more memory than allowed") from None
-        raise CheckpointError("parser_crashed", f"the parser failed on this file ({tail[0][:200]})") from None
+        log.warning("the parser failed on %s: %s", path, tail[0][:500])  # the details stay in the log
+        raise CheckpointError("parser_crashed", "the parser failed on this file") from None
     if not answer.get("ok"):
         raise CheckpointError(str(answer.get("code")), str(answer.get("message")))
     return checkpoint_from_json(answer["checkpoint"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from ckptscope.errors import CheckpointError
 
 from .model import DTYPES, Checkpoint, StorageRef
+from .pickle_graph import WorkBudget
 from .pickled_tree import build_checkpoint
 from .torch_pickle import PickledStorage, unpickle_restricted
 from .torch_zip import MAX_PICKLE_BYTES
@@ -23,21 +24,23 @@ def read_torch_legacy(path: str | Path) -> Checkpoint:
     with path.open("rb") as raw:
         # the pickles sit at the front, the storages after them: read a bounded head into memory
         # so no length claimed inside a pickle can make a read larger than that
-        fh = io.BytesIO(raw.read(min(file_size, MAX_PICKLE_BYTES)))
-        magic, _ = unpickle_restricted(fh)
+        head = raw.read(min(file_size, MAX_PICKLE_BYTES))
+        fh = io.BytesIO(head)
+        budget = WorkBudget.for_bytes(len(head))  # one budget for the file's five pickles
+        magic, _ = unpickle_restricted(fh, budget)
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
                 "plain_pickle",
                 "this is a plain Python pickle, not a PyTorch checkpoint; pickles can run code and are not read",
             )
-        version, _ = unpickle_restricted(fh)
+        version, _ = unpickle_restricted(fh, budget)
         if version != PROTOCOL_VERSION:
             raise CheckpointError("corrupt_pickle", f"unknown legacy PyTorch protocol version {version!r}")
-        sys_info, _ = unpickle_restricted(fh)
+        sys_info, _ = unpickle_restricted(fh, budget)
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise CheckpointError("unsupported_byteorder", "big-endian legacy checkpoints are not supported")
-        obj, storages = unpickle_restricted(fh)
-        keys, _ = unpickle_restricted(fh)
+        obj, storages = unpickle_restricted(fh, budget)
+        keys, _ = unpickle_restricted(fh, budget)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise CheckpointError("corrupt_pickle", "legacy checkpoint has a malformed storage key list")
         located: dict[str, StorageRef] = {}

@@ -1,21 +1,22 @@
-"""A restricted unpickler for PyTorch's ``data.pkl`` that only records storages.
+"""Reading PyTorch's pickles (``data.pkl``, the legacy format's pickles) without running them.
 
-It never imports or calls anything from the pickle: every global a torch state dict
-legitimately names is mapped to a local stand-in that builds a plain record, and every
-other global is refused with a message naming it. No torch import is needed.
+The pickle is first unpickled into an inert graph (``pickle_graph``: globals, calls and states
+become records; nothing is imported or called), then the graph is interpreted: the few globals a
+tensor state dict names become their meaning here (pure functions building records, immutable
+markers), every other global refuses the file with a message naming it, and tensors are
+validated once, from the finished graph. No torch import is needed.
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from ckptscope.errors import CheckpointError
 
 from .model import DTYPES, MAX_DIMS
+from .pickle_graph import Built, Call, Global, Persistent, SetRecord, WorkBudget, unpickle_graph
 
 # Legacy typed storage classes -> dtype name.
 _STORAGE_CLASSES = {
@@ -81,27 +82,18 @@ class PickledTensor:
 
 
 @dataclass(frozen=True, slots=True)
-class _TensorTypeMarker:
+class TensorType:
     """Stands for ``torch.Tensor`` / ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``."""
 
     is_parameter: bool
 
 
-class _Frozen:
-    """Wraps a stand-in callable so the pickle's BUILD opcode cannot set attributes on it
-    (a plain function's ``__defaults__`` would otherwise be writable across files)."""
+@dataclass(frozen=True, slots=True)
+class FunctionRef:
+    """An allowed function named as a value (e.g. the rebuild function passed to
+    ``_rebuild_from_type_v2``), not called."""
 
-    __slots__ = ("_fn",)
-    _fn: Any
-
-    def __init__(self, fn: Any) -> None:
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, *args: Any) -> Any:
-        return self._fn(*args)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("read-only")
+    key: tuple[str, str]
 
 
 def _bad(message: str) -> CheckpointError:
@@ -131,6 +123,9 @@ def _make_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtyp
     if dtype is None:
         raise _bad("untyped storage used without a dtype")
     return PickledTensor(storage, dtype, storage_offset, shape, strides)
+
+
+# --- the stand-ins: what the allowed globals mean, as pure functions of interpreted values ----
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> PickledTensor:
@@ -171,11 +166,12 @@ def _rebuild_parameter(data: Any, requires_grad: Any = True, backward_hooks: Any
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if not isinstance(new_type, _TensorTypeMarker) or not callable(func) or not isinstance(args, tuple):
+    if not isinstance(new_type, TensorType) or not isinstance(args, tuple):
         raise _bad("unsupported tensor subclass in _rebuild_from_type_v2")
-    if not isinstance(func, _Frozen) or func._fn not in _TENSOR_BUILDERS:
+    builder = _FUNCTIONS.get(func.key) if isinstance(func, FunctionRef) else None
+    if builder not in _TENSOR_BUILDERS:
         raise _bad("unsupported rebuild function in _rebuild_from_type_v2")
-    result = func(*args)
+    result = builder(*args)
     if new_type.is_parameter and isinstance(result, PickledTensor):
         result = replace(result, is_parameter=True)
     return result
@@ -196,46 +192,56 @@ def _torch_device(*args: Any) -> str:
     return ":".join(str(a) for a in args if isinstance(a, str | int))
 
 
-def _ordered_dict(*args: Any) -> collections.OrderedDict[Any, Any]:
-    return collections.OrderedDict(*args)
+def _ordered_dict(*args: Any) -> dict[Any, Any]:
+    if args and not (len(args) == 1 and isinstance(args[0], list | tuple | dict)):
+        raise _bad("unsupported OrderedDict arguments")
+    out: dict[Any, Any] = {}
+    for item in (args[0].items() if isinstance(args[0], dict) else args[0]) if args else ():
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise _bad("OrderedDict built from something that is not a list of pairs")
+        out[_scalar_key(item[0])] = item[1]
+    return out
 
 
+_FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _torch_device,
+    ("_codecs", "encode"): _codecs_encode,
+}
 _TENSOR_BUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
 
 
-def _build_allowed() -> dict[tuple[str, str], Any]:
-    functions: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): _ordered_dict,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Size"): _torch_size,
-        ("torch", "device"): _torch_device,
-        ("_codecs", "encode"): _codecs_encode,
-    }
-    allowed: dict[tuple[str, str], Any] = {key: _Frozen(fn) for key, fn in functions.items()}
-    allowed |= {
-        ("torch", "Tensor"): _TensorTypeMarker(False),
-        ("torch.nn.parameter", "Parameter"): _TensorTypeMarker(True),
+def _build_values() -> dict[tuple[str, str], Any]:
+    """Globals that stand for a value (a dtype, a storage class, a tensor class), immutable."""
+    values: dict[tuple[str, str], Any] = {
+        ("torch", "Tensor"): TensorType(False),
+        ("torch.nn.parameter", "Parameter"): TensorType(True),
         ("torch.storage", "UntypedStorage"): StorageType(None),
         ("torch", "UntypedStorage"): StorageType(None),
     }
     for cls, dtype in _STORAGE_CLASSES.items():
-        allowed[("torch", cls)] = StorageType(dtype)
+        values[("torch", cls)] = StorageType(dtype)
     for dtype in DTYPES:
-        allowed[("torch", dtype)] = DTypeMarker(dtype)
+        values[("torch", dtype)] = DTypeMarker(dtype)
     for alias, dtype in _DTYPE_ALIASES.items():
-        allowed[("torch", alias)] = DTypeMarker(dtype)
-    return allowed
+        values[("torch", alias)] = DTypeMarker(dtype)
+    return values
 
 
-_ALLOWED = _build_allowed()
+_VALUES = _build_values()
 
 
-def _refusal(module: str, name: str) -> CheckpointError:
+def refusal(module: str, name: str) -> CheckpointError | None:
+    """Why a global makes the file unreadable, or None for one a state dict may name."""
+    if (module, name) in _FUNCTIONS or (module, name) in _VALUES:
+        return None
     qual = f"{module}.{name}"
     if module.startswith("torch.nn.modules") or module.startswith("torch.nn.") and name[:1].isupper():
         why = (
@@ -251,25 +257,115 @@ def _refusal(module: str, name: str) -> CheckpointError:
     return CheckpointError("unsafe_pickle", f"refused to load: {why}")
 
 
-class StorageRecordingUnpickler(pickle._Unpickler):
-    """Unpickles ``data.pkl`` into dicts/lists/scalars and ``PickledTensor`` records.
+# --- interpreting the graph -------------------------------------------------------------------
 
-    Built on the pure-Python unpickler on purpose: the C one grows its memo *array* to the
-    largest LONG_BINPUT index, so a 12-byte pickle makes it allocate and zero gigabytes; here the
-    memo is a dict. Speed is about the same, because the stand-in callbacks dominate."""
+MAX_NESTING = 200
+_SCALAR_KEYS = (str, int, float, bool, type(None))
 
-    def __init__(self, stream: BinaryIO) -> None:
-        super().__init__(stream)
+
+def _scalar_key(key: Any) -> Any:
+    """Dict keys of a checkpoint are names and indices; anything else is shown by its type
+    (rendering it could cost as much as hashing it)."""
+    return key if isinstance(key, _SCALAR_KEYS) else f"<{type(key).__name__} key>"
+
+
+class _Interpreter:
+    """Turns one file's graph into plain values (dicts, lists, tuples, scalars) with
+    ``PickledTensor`` leaves. Each graph node is interpreted once (shared parts stay shared, so
+    the work follows the graph, not the tree it unfolds to), every step charged to the budget."""
+
+    def __init__(self, budget: WorkBudget) -> None:
+        self.budget = budget
         self.storages: dict[str, PickledStorage] = {}
-        self.memo = _BoundedMemo()
+        self._done: dict[int, Any] = {}  # id of a graph node (alive: the graph holds it) -> value
 
-    def find_class(self, module: str, name: str) -> Any:
+    def value(self, node: Any, depth: int = 0) -> Any:
+        kind = type(node)
+        if kind in _PLAIN:
+            return node
+        key = id(node)
+        known = self._done.get(key, _MISSING)
+        if known is not _MISSING:
+            return known
+        if depth > MAX_NESTING:
+            raise _bad("the checkpoint object nests too deeply")
+        self.budget.spend()
+        handler = _HANDLERS.get(kind)
+        out = handler(self, node, depth + 1) if handler is not None else f"<{kind.__name__}>"  # bytearray: inert
+        self._done[key] = out
+        return out
+
+    def _list(self, node: list[Any], depth: int) -> list[Any]:
+        out: list[Any] = []
+        self._done[id(node)] = out  # a list may contain itself
+        self.budget.spend(len(node))
+        value = self.value
+        out.extend(v if type(v) in _PLAIN else value(v, depth) for v in node)
+        return out
+
+    def _dict(self, node: dict[Any, Any], depth: int) -> dict[Any, Any]:
+        result: dict[Any, Any] = {}
+        self._done[id(node)] = result
+        self._set_items(result, node.items(), len(node), depth)
+        return result
+
+    def _set_items(self, target: dict[Any, Any], items: Iterable[tuple[Any, Any]], count: int, depth: int) -> None:
+        self.budget.spend(count)
+        value = self.value
+        for k, v in items:
+            key = k if type(k) is str else _scalar_key(value(k, depth))
+            target[key] = v if type(v) in _PLAIN else value(v, depth)
+
+    def _tuple(self, node: tuple[Any, ...], depth: int) -> tuple[Any, ...]:
+        self.budget.spend(len(node))
+        for v in node:
+            if type(v) not in _PLAIN:
+                break
+        else:
+            return node  # shapes, strides: as they are
+        value = self.value
+        return tuple(v if type(v) in _PLAIN else value(v, depth) for v in node)
+
+    def _global(self, node: Global, _depth: int) -> Any:
+        known = _VALUES.get(node.key)
+        return known if known is not None else FunctionRef(node.key)
+
+    def _built(self, node: Built, depth: int) -> Any:
+        return self.value(node.target, depth)  # the state of a plain container is not applied
+
+    def _set(self, node: SetRecord, depth: int) -> list[Any]:
+        self.budget.spend(len(node.items))
+        return [self.value(v, depth) for v in node.items]
+
+    def _persistent(self, node: Persistent, depth: int) -> PickledStorage:
+        return self._storage(self.value(node.pid, depth))
+
+    def _call(self, node: Call, depth: int) -> Any:
+        func = node.func
+        fn = _FUNCTIONS.get(func.key) if isinstance(func, Global) else None
+        if fn is None or node.kwargs:
+            raise _bad("the pickle calls something that is not a function of a state dict")
+        args = self.value(node.args, depth)
+        if not isinstance(args, tuple | list):
+            raise _bad("call arguments are not a tuple")
         try:
-            return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            raise _refusal(str(module), str(name)) from None
+            result = fn(*args)
+        except TypeError:
+            raise _bad(f"{func.module}.{func.name} called with the wrong arguments") from None
+        # BUILD states only carry what torch's weights-only loader also ignores for a state dict
+        # (a Parameter's or tensor's python attributes, an OrderedDict's __dict__): recorded only
+        if node.items:
+            if not isinstance(result, dict):
+                raise _bad("items set on something that is not a dict")
+            self._set_items(result, node.items, len(node.items), depth)
+        if node.appended:
+            if not isinstance(result, list):
+                raise _bad("items appended to something that is not a list")
+            self.budget.spend(len(node.appended))
+            result.extend(self.value(v, depth) for v in node.appended)
+        return result
 
-    def persistent_load(self, pid: Any) -> PickledStorage:
+    def _storage(self, pid: Any) -> PickledStorage:
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
             raise _bad("unknown persistent id in pickle (only storages are allowed)")
         storage_type, key, location, numel = pid[1:5]
@@ -302,29 +398,34 @@ class StorageRecordingUnpickler(pickle._Unpickler):
         return PickledStorage(str(view_key), storage_type.dtype, location, view_size, view_offset, key)
 
 
-MAX_MEMO = 50_000_000
+_MISSING = object()
+_PLAIN = frozenset({str, bytes, int, float, bool, type(None)})
+_HANDLERS: dict[type, Callable[[_Interpreter, Any, int], Any]] = {
+    list: _Interpreter._list,
+    dict: _Interpreter._dict,
+    tuple: _Interpreter._tuple,
+    Global: _Interpreter._global,
+    Call: _Interpreter._call,
+    Built: _Interpreter._built,
+    SetRecord: _Interpreter._set,
+    Persistent: _Interpreter._persistent,
+}
 
 
-class _BoundedMemo(dict):  # type: ignore[type-arg]
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if len(self) >= MAX_MEMO:
-            raise CheckpointError("limit_exceeded", "pickle memo holds too many objects")
-        super().__setitem__(key, value)
-
-
-def unpickle_restricted(data: bytes | BinaryIO) -> tuple[Any, dict[str, PickledStorage]]:
-    """Run the restricted unpickler over bytes, or from a stream's current position (which is
-    left just past the pickle's STOP); any failure becomes a CheckpointError."""
-    stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    unpickler = StorageRecordingUnpickler(stream)
+def unpickle_restricted(
+    data: bytes | BinaryIO, budget: WorkBudget | None = None
+) -> tuple[Any, dict[str, PickledStorage]]:
+    """Read one pickle (bytes, or a stream from its current position, left just past the STOP)
+    into plain values with ``PickledTensor`` leaves, and the storages they use. A fresh machine
+    and a fresh interpreter per call; nothing of one file can reach another."""
+    if budget is None:
+        if not isinstance(data, bytes):
+            raise TypeError("a stream needs the budget of its file")
+        budget = WorkBudget.for_bytes(len(data))
+    graph = unpickle_graph(data, budget, refusal)
+    interpreter = _Interpreter(budget)
     try:
-        obj = unpickler.load()
-    except CheckpointError:
-        raise
+        value = interpreter.value(graph)
     except RecursionError:
-        raise CheckpointError("corrupt_pickle", "pickle nests too deeply") from None
-    except MemoryError:
-        raise CheckpointError("limit_exceeded", "pickle needs too much memory to read") from None
-    except Exception as exc:  # the C unpickler raises many types on malformed input
-        raise CheckpointError("corrupt_pickle", f"malformed pickle: {type(exc).__name__}: {exc}"[:300]) from None
-    return obj, unpickler.storages
+        raise _bad("the checkpoint object nests too deeply") from None
+    return value, interpreter.storages

@@ -10,6 +10,11 @@ from ckptscope.core import Core
 
 from .rendering import HtmlRenderer
 
+# Bounds of integer query parameters: beyond them a value is a 422, never a database overflow.
+MAX_OFFSET = 1_000_000_000  # rows; far beyond any checkpoint's tensor count, far below 2**63
+MAX_PAGE = 10_000_000  # pages of the UI's tensor table (50 rows each)
+MAX_DEPTH = 10_000  # levels of a module tree
+
 
 def get_core(request: Request) -> Core:
     core: Core = request.app.state.core

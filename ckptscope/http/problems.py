@@ -20,6 +20,16 @@ from .rendering import HtmlRenderer
 
 log = logging.getLogger("ckptscope")
 SERVICE_PATHS = ("/openapi.json", "/healthz", "/readyz", "/metrics")
+MAX_REPORTED_ERRORS = 20
+
+
+class Refused(StarletteHTTPException):
+    """A request the HTTP guards refuse (host, origin, body size, CSRF token, multipart shape), with
+    its problem ``code``. An HTTPException, so FastAPI passes it through while reading a body."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(status_code=status, detail=detail)
+        self.code = code
 
 
 def wants_html(request: Request) -> bool:
@@ -62,13 +72,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        found = exc.errors()
+        errors = [  # a bounded report: a hostile body can fail validation in many places at once
+            {"loc": [p[:100] if isinstance(p, str) else p for p in e.get("loc", ())], "msg": e.get("msg", "")}
+            for e in found[:MAX_REPORTED_ERRORS]
+        ]
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        if len(found) > MAX_REPORTED_ERRORS:
+            detail += f"; and {len(found) - MAX_REPORTED_ERRORS} more"
         return problem(request, 422, detail or "invalid request", "validation", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        response = problem(request, exc.status_code, str(exc.detail))
+        response = problem(request, exc.status_code, str(exc.detail), getattr(exc, "code", None))
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
         return response

@@ -6,11 +6,13 @@ import hmac
 import os
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
-from .auth import COOKIE, safe_next, session_value
+from . import csrf
+from .auth import COOKIE, close_session, open_session, safe_next
 from .deps import CoreDep, HtmlDep
 
 router = APIRouter()
@@ -52,32 +54,40 @@ def login_page(request: Request, html: HtmlDep, next: str = "/") -> Response:
     return html.page(request, "login.html", {"next": safe_next(next), "error": None})
 
 
-@router.post("/login", include_in_schema=False)
-def login(
+@router.post("/login", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
+async def login(
     request: Request,
     core: CoreDep,
     html: HtmlDep,
-    token: Annotated[str, Form()] = "",
-    next: Annotated[str, Form()] = "/",
+    token: Annotated[str, Form(max_length=4096)] = "",
+    next: Annotated[str, Form(max_length=4096)] = "/",
 ) -> Response:
     expected = core.settings.api_token
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
         context = {"next": safe_next(next), "error": "That token is not right."}
         return html.page(request, "login.html", context, status=401)
+    ttl = core.settings.session_ttl_s
+    await run_in_threadpool(close_session, core.queries, request)  # a session the browser had is replaced
+    session_id = await run_in_threadpool(open_session, core.queries, expected, ttl)
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE,
-        session_value(expected),
+        session_id,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        max_age=14 * 24 * 3600,
+        max_age=max(1, int(ttl)),
+        path="/",
     )
+    csrf.set_cookie(response, request, csrf.new_token())  # a new session, a new anti-CSRF token
     return response
 
 
-@router.post("/logout", include_in_schema=False)
-def logout() -> Response:
+@router.post("/logout", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
+async def logout(request: Request, core: CoreDep) -> Response:
+    """Ends the session server-side (the cookie alone no longer opens anything)."""
+    await run_in_threadpool(close_session, core.queries, request)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    response.delete_cookie(COOKIE, path="/")
+    csrf.set_cookie(response, request, csrf.new_token())
     return response

@@ -6,6 +6,8 @@ temp file in the store as the bytes arrive; the size cap is enforced while strea
 
 from __future__ import annotations
 
+import hmac
+
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -15,15 +17,21 @@ from ckptscope.errors import Invalid, TooLarge
 from ckptscope.services.checkpoints import Upload, release_blobs
 from ckptscope.store.blobs import BlobWriter
 
+from . import csrf
+from .problems import Refused
+
 FIELD_LIMIT = 4096
+MAX_PARTS = 1000  # files and fields of one upload (a sharded set has a few hundred files at most)
 MULTIPART_OVERHEAD = 64 * 1024
 
 
 class _MultipartSink:
-    def __init__(self, core: Core, limit: int) -> None:
+    def __init__(self, core: Core, limit: int, csrf_token: str | None) -> None:
         self.core = core
         self.limit = limit
+        self.csrf_token = csrf_token  # when set, the form's csrf_token field must precede the files
         self.used = 0
+        self.parts = 0
         self.uploads: list[Upload] = []
         self._finished: list[tuple[str, BlobWriter]] = []  # file parts written, not yet committed
         self.fields: dict[str, str] = {}
@@ -52,7 +60,19 @@ class _MultipartSink:
             raise Invalid("multipart header too long")
         setattr(self, attr, value)
 
+    def check_csrf(self) -> None:
+        """The anti-CSRF field (a plain form sends it first) must match before any file is written."""
+        if self.csrf_token is None:
+            return
+        given = self.fields.get(csrf.FIELD)
+        if given is None or not hmac.compare_digest(given.encode(), self.csrf_token.encode()):
+            raise csrf.refused()
+        self.csrf_token = None
+
     def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise Refused(413, "too_many_parts", f"an upload may have at most {MAX_PARTS} parts (files and fields)")
         self._headers = {}
         self._form_field = None
         self._form_value = b""
@@ -68,6 +88,7 @@ class _MultipartSink:
         if filename is not None:
             if name != "file":
                 raise Invalid(f"unexpected file field {name[:40]!r}; send files in the field 'file'")
+            self.check_csrf()
             self._filename = filename.decode("utf-8", "replace")
             self._writer = self.core.blobs.writer(self.limit - self.used)
         else:
@@ -110,8 +131,12 @@ class _MultipartSink:
         release_blobs(self.core, [u.blob for u in self.uploads])
 
 
-async def receive_uploads(core: Core, request: Request, filename: str | None) -> tuple[list[Upload], dict[str, str]]:
-    """The uploaded files (committed blobs) and the small form fields sent beside them."""
+async def receive_uploads(
+    core: Core, request: Request, filename: str | None, *, csrf_token: str | None = None
+) -> tuple[list[Upload], dict[str, str]]:
+    """The uploaded files (committed blobs) and the small form fields sent beside them. With
+    ``csrf_token`` (the web UI's form, sent without the header), the body must be multipart with a
+    matching ``csrf_token`` field before its first file: nothing is written otherwise."""
     limit = core.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
@@ -122,7 +147,7 @@ async def receive_uploads(core: Core, request: Request, filename: str | None) ->
         boundary = options.get(b"boundary")
         if not boundary:
             raise Invalid("multipart request without a boundary")
-        sink = _MultipartSink(core, limit)
+        sink = _MultipartSink(core, limit, csrf_token)
         parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
         try:
             async for chunk in request.stream():
@@ -132,10 +157,13 @@ async def receive_uploads(core: Core, request: Request, filename: str | None) ->
             await sink.commit_finished()
             if sink._writer is not None:
                 raise Invalid("multipart body ended inside a file part")
+            sink.check_csrf()
         except BaseException:
             await run_in_threadpool(sink.abort)
             raise
         return sink.uploads, sink.fields
+    if csrf_token is not None:
+        raise csrf.refused()
     writer = core.blobs.writer(limit)
     try:
         async for chunk in request.stream():

@@ -20,6 +20,7 @@ from ckptscope.store.blobs import Blob
 from ckptscope.store.catalogue import Checkpoint, Content, FileRef, StatsState
 from ckptscope.store.queries import StoredFile, TensorPage
 from ckptscope.store.queries import check_root as check_root  # for the routes
+from ckptscope.text import make_storable
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -55,23 +56,10 @@ def _pick_primary(uploads: Sequence[Upload]) -> Upload:
 
 
 def _check_storable(listing: Listing) -> None:
-    """Text the catalogue must be able to hold on any database (PostgreSQL refuses NUL)."""
-    for t in listing.tensors:
-        if "\x00" in t.name:
-            raise Invalid(
-                f"tensor name {t.name[:80]!r} contains a NUL character, which the catalogue cannot store", "bad_name"
-            )
-    listing.metadata = _strip_nul(listing.metadata)
-
-
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\\x00")
-    if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
+    """Text the catalogue must be able to hold on any database: names with a NUL (PostgreSQL
+    refuses it) or a lone surrogate (no UTF-8 encoder writes it) are refused with ``bad_name``,
+    such characters in metadata and warnings are escaped. The CLI applies the same rule."""
+    make_storable(listing)
 
 
 def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:
@@ -106,14 +94,15 @@ def ingest(
             raise Invalid("two uploaded files have the same name")
         # shard names resolve only among the files of this upload, never next to the blob (that
         # directory holds other uploads' blobs)
-        listing = open_checkpoint_sandboxed(
-            primary.blob.path, shards=by_name, name=display_name(primary.name), limits=core.parse_limits
-        )
+        with core.parse_slots:
+            listing = open_checkpoint_sandboxed(
+                primary.blob.path, shards=by_name, name=display_name(primary.name), limits=core.parse_limits
+            )
         _check_storable(listing)
         used = {str(p) for p in listing.files}
         unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
         if unused:
-            raise Invalid(f"uploaded files not named by the index: {', '.join(sorted(unused))[:300]}")
+            raise Invalid(f"uploaded files not named by the index: {', '.join(sorted(unused))[:300]}", "unlisted_file")
         row, content = core.queries.register(
             _content_key(uploads),
             listing,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ckptscope.formats import Checkpoint, TensorInfo, open_checkpoint
+from ckptscope.formats import Checkpoint, TensorInfo
 from ckptscope.formats.model import contiguous_stride
 from ckptscope.stats import TensorStats, TreeNode, build_tree
 
@@ -54,15 +53,16 @@ class Inspection:
         }
 
 
-def inspect_path(
-    path: str | Path,
+def inspect_listing(
+    ckpt: Checkpoint,
     *,
     root: str | None = None,
     with_stats: bool = True,
     progress: Any = None,
     device: str | None = None,
 ) -> Inspection:
-    ckpt = open_checkpoint(path)
+    """A listing's root, with its stats (read from the listing's files) and module tree."""
+    root = ckpt.resolve_root(root)
     tensors = ckpt.root_tensors(root)
     stats = None
     if with_stats:
@@ -70,4 +70,4 @@ def inspect_path(
         from ckptscope.stats.torch_engine import resolve_device
 
         stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
-    return Inspection(ckpt, ckpt.default_root if root is None else root, tensors, stats, build_tree(tensors, stats))
+    return Inspection(ckpt, root, tensors, stats, build_tree(tensors, stats))

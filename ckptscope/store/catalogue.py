@@ -152,6 +152,18 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class LoginSession(Base):
+    """A browser login (when ``CKPTSCOPE_API_TOKEN`` is set). The cookie holds a random id; only its
+    sha256 is stored, with a fingerprint of the token it was opened with (a new token ends it) and
+    when it expires. Logging out deletes the row; processes sharing the catalogue share the rows."""
+
+    __tablename__ = "sessions"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})

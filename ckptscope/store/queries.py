@@ -4,10 +4,12 @@ store writes SQL."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, select, update
@@ -19,7 +21,19 @@ from ckptscope.stats.model import STATISTICS, TensorStats, finite_or_none
 from ckptscope.stats.tree import build_tree
 
 from .blobs import BlobStore
-from .catalogue import Catalogue, Checkpoint, Content, FileRef, Job, StatsState, TensorRow, dumps, retry_conflicts
+from .catalogue import (
+    Catalogue,
+    Checkpoint,
+    Content,
+    FileRef,
+    Job,
+    LoginSession,
+    StatsState,
+    TensorRow,
+    dumps,
+    retry_conflicts,
+    utcnow,
+)
 
 SORTABLE = ("position", "name", "numel", "nbytes", *(s.name for s in STATISTICS))
 
@@ -272,6 +286,31 @@ class CatalogueQueries:
                 if key is not None:
                     newest[key] = job_id  # ascending: the last one seen is the newest
         return newest
+
+    # --- browser sessions ---------------------------------------------------------------------
+
+    def create_session(self, id_hash: str, token_fingerprint: str, expires_at: datetime) -> None:
+        """Store a login (the hash of its cookie id); expired ones are removed on the way."""
+
+        def transaction() -> None:
+            with self.catalogue.session() as session, session.begin():
+                session.execute(delete(LoginSession).where(LoginSession.expires_at <= utcnow()))
+                session.add(LoginSession(id_hash=id_hash, token_fingerprint=token_fingerprint, expires_at=expires_at))
+
+        retry_conflicts(transaction)
+
+    def session_valid(self, id_hash: str, token_fingerprint: str) -> bool:
+        """Whether a login exists, has not expired and was opened with the current token."""
+        with self.catalogue.session() as session:
+            stmt = select(LoginSession.token_fingerprint).where(
+                LoginSession.id_hash == id_hash, LoginSession.expires_at > utcnow()
+            )
+            stored = session.scalar(stmt)
+        return stored is not None and hmac.compare_digest(stored, token_fingerprint)
+
+    def revoke_session(self, id_hash: str) -> None:
+        with self.catalogue.session() as session, session.begin():
+            session.execute(delete(LoginSession).where(LoginSession.id_hash == id_hash))
 
 
 def check_root(content: Content, root: str | None) -> str:

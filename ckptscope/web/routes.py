@@ -5,23 +5,27 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from ckptscope import __version__
 from ckptscope.errors import Invalid, NotFound
-from ckptscope.http.deps import CoreDep
+from ckptscope.http import csrf
+from ckptscope.http.deps import MAX_PAGE, CoreDep
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
-from ckptscope.services.selection import normalize_mapping, parse_pairs, rename
+from ckptscope.services.operations import Renamer
+from ckptscope.services.selection import normalize_mapping, parse_pairs
 
 from .templating import is_htmx, render
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 50
+MAX_SELECTED = 10_000  # modules/tensors ticked, and rename pairs, in one operation form
+CSRF = [Depends(csrf.require_csrf)]  # the UI's state-changing routes (the upload checks it itself)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -38,7 +42,15 @@ def home(request: Request, core: CoreDep) -> Response:
 
 @router.post("/upload")
 async def upload(request: Request, core: CoreDep) -> Response:
-    uploads, fields = await receive_uploads(core, request, None)
+    header = request.headers.get(csrf.HEADER)
+    if header is not None and not csrf.matches(request, header):
+        raise csrf.refused()
+    expected = None
+    if header is None:  # a plain form: its csrf_token field must come before the files
+        expected = csrf.cookie_token(request)
+        if expected is None:
+            raise csrf.refused()
+    uploads, fields = await receive_uploads(core, request, None, csrf_token=expected)
     row = await run_in_threadpool(svc.ingest, core, uploads, name=fields.get("name") or None)  # parses in a sandbox
     url = f"/checkpoints/{row.id}"
     if is_htmx(request):
@@ -46,7 +58,7 @@ async def upload(request: Request, core: CoreDep) -> Response:
     return RedirectResponse(url, status_code=303)
 
 
-@router.delete("/checkpoints/{checkpoint_id}")
+@router.delete("/checkpoints/{checkpoint_id}", dependencies=CSRF)
 def delete(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     svc.delete_checkpoint(core, checkpoint_id)
     return render(request, "home.html", {"items": svc.list_checkpoints(core)}, "checkpoint_list")
@@ -64,7 +76,7 @@ def checkpoint_page(
     nonfinite: bool = False,
     sort: str = "position",
     desc: bool = False,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
 ) -> Response:
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
@@ -140,7 +152,10 @@ def progress(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
 
 def _pairs(text: str) -> dict[str, str]:
     """'encoder.=backbone., module.=' (comma or space separated) -> a prefix mapping."""
-    return parse_pairs(text.replace(",", " ").split())
+    pairs = text.replace(",", " ").split()
+    if len(pairs) > MAX_SELECTED:
+        raise Invalid(f"at most {MAX_SELECTED} renames at once")
+    return parse_pairs(pairs)
 
 
 async def _selection(request: Request) -> tuple[FormData, list[str], str | None]:
@@ -148,6 +163,8 @@ async def _selection(request: Request) -> tuple[FormData, list[str], str | None]
     modules = [str(m) for m in form.getlist("module")]
     if not modules:
         raise Invalid("tick at least one module or tensor in the tree first")
+    if len(modules) > MAX_SELECTED:
+        raise Invalid(f"at most {MAX_SELECTED} modules or tensors at once")
     root = form.get("root")
     return form, modules, str(root) if root is not None else None
 
@@ -159,7 +176,7 @@ def _go_to(request: Request, checkpoint_id: str) -> Response:
     return RedirectResponse(url, status_code=303)
 
 
-@router.post("/checkpoints/{checkpoint_id}/freeze", response_class=HTMLResponse)
+@router.post("/checkpoints/{checkpoint_id}/freeze", response_class=HTMLResponse, dependencies=CSRF)
 async def freeze(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     _, modules, root = await _selection(request)
     plan = await run_in_threadpool(ops.freeze, core, checkpoint_id, modules, root)
@@ -167,7 +184,7 @@ async def freeze(request: Request, checkpoint_id: str, core: CoreDep) -> Respons
     return render(request, "checkpoint.html", context, "ops_result")
 
 
-@router.post("/checkpoints/{checkpoint_id}/export")
+@router.post("/checkpoints/{checkpoint_id}/export", dependencies=CSRF)
 async def export(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     form, modules, root = await _selection(request)
     fmt = str(form.get("format") or "safetensors")
@@ -185,14 +202,14 @@ async def export(request: Request, checkpoint_id: str, core: CoreDep) -> Respons
     return _go_to(request, row.id)
 
 
-@router.post("/checkpoints/{checkpoint_id}/copy", response_class=HTMLResponse)
+@router.post("/checkpoints/{checkpoint_id}/copy", response_class=HTMLResponse, dependencies=CSRF)
 async def copy(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     form, modules, root = await _selection(request)
     target = str(form.get("target") or "")
     if not target:
         raise Invalid("choose a target checkpoint to copy into")
-    renames = normalize_mapping(_pairs(str(form.get("copy_rename") or "")))
-    mapping = {m: rename(m, renames) or m for m in modules} if renames else {m: m for m in modules}
+    renames = Renamer(normalize_mapping(_pairs(str(form.get("copy_rename") or ""))))
+    mapping = {m: renames(m) or m for m in modules}
     strict = bool(form.get("strict"))
     dry_run = form.get("action") != "copy"
     report, row = await run_in_threadpool(

@@ -6,7 +6,6 @@ A page is one template; an htmx request renders just one ``{% block %}`` of it.
 from __future__ import annotations
 
 import math
-import unicodedata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -17,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from ckptscope.stats import HIST_BINS
+from ckptscope.text import reveal
 from ckptscope.units import human_bytes, human_count
 
 WEB_DIR = Path(__file__).resolve().parent
@@ -53,18 +53,13 @@ def histogram_bars(hist: list[int], width: int = 640, height: int = 160) -> list
     return bars
 
 
-def _deceptive(ch: str) -> bool:
-    category = unicodedata.category(ch)
-    return category in ("Cf", "Cs", "Co", "Cn") or (category == "Cc" and ch not in "\n\t")
-
-
 def reveal_controls(value: Any) -> Any:
     """Show invisible and bidirectional control characters (e.g. U+202E, which reverses the text
     after it, or zero-width spaces) as visible escapes, so attacker-chosen names cannot disguise
     themselves. Template-made markup passes untouched."""
-    if not isinstance(value, str) or isinstance(value, Markup) or value.isprintable():
+    if not isinstance(value, str) or isinstance(value, Markup):
         return value
-    return "".join(f"\\u{ord(ch):04x}" if _deceptive(ch) else ch for ch in value)
+    return reveal(value, keep="\n\t")
 
 
 def query(base: dict[str, Any], **changes: Any) -> str:

@@ -11,7 +11,7 @@ import torch
 from ckptscope.config import Settings
 from ckptscope.main import create_app
 from tests import factories as f
-from tests.helpers import make_client, upload, wait_stats
+from tests.helpers import csrf_token, make_client, upload, wait_stats
 
 TOKEN = "s3cret-token"
 
@@ -43,21 +43,24 @@ def test_pages_redirect_to_a_login_form_that_sets_a_cookie(secured):
     assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fcheckpoints%2Fx%3Ftensor%3Da"
     form = secured.get("/login", params={"next": "/"})
     assert form.status_code == 200 and 'type="password"' in form.text
-    bad = secured.post("/login", data={"token": "nope", "next": "/"}, follow_redirects=False)
+    csrf = {"csrf_token": csrf_token(secured)}  # the login form's hidden field
+    bad = secured.post("/login", data={"token": "nope", "next": "/", **csrf}, follow_redirects=False)
     assert bad.status_code == 401 and "not right" in bad.text
-    good = secured.post("/login", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
+    good = secured.post("/login", data={"token": TOKEN, "next": "/", **csrf}, follow_redirects=False)
     assert good.status_code == 303 and good.headers["location"] == "/"
     cookie = good.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
     assert secured.get("/").status_code == 200  # the client keeps the cookie
     assert secured.get("/api/v1/checkpoints").status_code == 200  # the cookie works for the API too
-    secured.post("/logout")
+    secured.post("/logout", data={"csrf_token": csrf_token(secured)})
     assert secured.get("/", follow_redirects=False).status_code == 303
 
 
 @pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "\\\\evil", "relative"])
 def test_login_never_redirects_off_site(secured, target):
-    r = secured.post("/login", data={"token": TOKEN, "next": target}, follow_redirects=False)
+    r = secured.post(
+        "/login", data={"token": TOKEN, "next": target, "csrf_token": csrf_token(secured)}, follow_redirects=False
+    )
     assert r.headers["location"] == "/"
 
 

@@ -32,7 +32,7 @@ def canaries_present(canaries: Path) -> list[str]:
 
 def test_corpus_size_and_categories(corpus):
     _, _, cases = corpus
-    assert len(cases) >= 100
+    assert len(cases) >= 250
     categories = {c.category for c in cases}
     assert categories == {
         "pickle code execution",
@@ -42,8 +42,12 @@ def test_corpus_size_and_categories(corpus):
         "sharded index",
         "hostile names",
         "truncated and random",
+        "pickle machine",
+        "text and numbers",
+        "payloads in sharded sets",
     }
     assert len({c.name for c in cases}) == len(cases)
+    assert [c.name for c in cases if c.expect == "rejected" and not c.code] == []  # every answer exact
 
 
 def test_positive_control_every_payload_is_live(corpus, tmp_path):
@@ -72,7 +76,7 @@ def test_every_case_in_process(corpus):
     out, canaries, cases = corpus
     wrong = []
     for case in cases:
-        if case.name == "shard_unlisted_file":
+        if case.code == "unlisted_file":
             continue  # a server-side rule (files of one upload), not a reader rule
         try:
             open_checkpoint(_primary(out, case))
@@ -116,7 +120,12 @@ def test_every_case_through_the_server(corpus, live_server):
     baseline = _rss_kib(proc.pid)
     accepted: dict[str, str] = {}
     failures = []
+
+    def blob_count() -> int:
+        return sum(1 for p in (data / "blobs").rglob("*") if p.is_file())
+
     for case in cases:
+        blobs_before = blob_count()
         name = "../../<img src=x onerror=alert(1)>\u202e.pt" if case.name == "names_client_filename" else None
         files = [("file", (name or Path(f).name, (out / f).read_bytes())) for f in case.files]
         r = client.post("/api/v1/checkpoints", files=files)
@@ -126,14 +135,28 @@ def test_every_case_through_the_server(corpus, live_server):
         if case.expect == "accepted":
             if r.status_code != 201:
                 failures.append((case.name, r.status_code, r.text[:200]))
-            else:
-                accepted[case.name] = r.json()["id"]
+                continue
+            accepted[case.name] = cid = r.json()["id"]
+            for view in (
+                f"/api/v1/checkpoints/{cid}",
+                f"/api/v1/checkpoints/{cid}/tensors?limit=20",
+                f"/api/v1/checkpoints/{cid}/tree?depth=2",
+                f"/checkpoints/{cid}",
+            ):  # every view of an accepted file answers
+                shown = client.get(view)
+                if shown.status_code != 200:
+                    failures.append((case.name, view, shown.status_code, shown.text[:200]))
             continue
         problem = r.json()
         if not (400 <= r.status_code < 500) or r.headers["content-type"] != "application/problem+json":
             failures.append((case.name, r.status_code, r.text[:200]))
-        elif case.code and problem.get("code") != case.code:
+        elif problem.get("code") != case.code:
             failures.append((case.name, problem.get("code"), problem["detail"][:200]))
+        elif "Traceback" in problem["detail"] or "Error:" in problem["detail"]:
+            failures.append((case.name, "python text in the detail", problem["detail"][:200]))
+        left = [*(data / "tmp").iterdir(), *(data / "pins").glob("*")]
+        if left or blob_count() != blobs_before:  # a refusal leaves nothing: no temp file, pin or blob
+            failures.append((case.name, "left behind", [p.name for p in left], blob_count(), blobs_before))
     assert failures == []
     assert canaries_present(canaries) == []
     grown_mib = (_rss_kib(proc.pid) - baseline) / 1024
@@ -175,5 +198,5 @@ def test_corpus_script_runs_standalone(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["cases"] >= 100
+    assert summary["cases"] >= 250
     assert json.loads((tmp_path / "c" / "corpus.json").read_text())[0]["expect"] in ("rejected", "accepted")

@@ -4,6 +4,7 @@ in-process app and the calls most API tests make, and the two-part model the ope
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def assert_state_equal(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def assert_one_line_refusal(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """A CLI refusal: exit 2, one line on stderr naming the problem, no traceback."""
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("ckptscope: "), out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr, out.stderr

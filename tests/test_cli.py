@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests import factories as f
-from tests.helpers import assert_state_equal, models
+from tests.helpers import assert_one_line_refusal, assert_state_equal, models
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -123,14 +123,6 @@ def _run_cli_env(*args: str, timeout: float = 120, **env: str) -> subprocess.Com
     )
 
 
-def _one_line_refusal(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("ckptscope: "), out.stderr
-    assert "Traceback" not in out.stderr
-    for fragment in fragments:
-        assert fragment in out.stderr, out.stderr
-
-
 def _hash_bomb(path):
     """A 167-byte pickle whose dict key is a tuple of 80 nested pairs of itself: hashing it takes
     2**80 steps. Parsed in-process, the CLI would hang for good."""
@@ -190,9 +182,9 @@ def test_cli_a_hanging_parse_ends_within_seconds_and_spares_the_next_file(tmp_pa
     start = time.monotonic()
     out = _run_cli_env("inspect", str(bomb), "--no-stats", timeout=60, **limits)
     assert time.monotonic() - start < 30
-    _one_line_refusal(out, str(bomb))
+    assert_one_line_refusal(out, str(bomb))
     for argv in (["diff", str(bomb), str(good)], ["diff", str(good), str(bomb)]):
-        _one_line_refusal(_run_cli_env(*argv, timeout=60, **limits), str(bomb))
+        assert_one_line_refusal(_run_cli_env(*argv, timeout=60, **limits), str(bomb))
     out = _run_cli_env("diff", str(good), str(good), "--json", timeout=60, **limits)
     assert out.returncode == 0 and json.loads(out.stdout)["counts"]["identical"] == 1
 
@@ -201,9 +193,9 @@ def test_cli_parse_limits_apply_and_a_crashed_parser_is_one_line(tmp_path):
     good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
     for memory in ("1000000", "16000000"):  # the child cannot even start / cannot import the readers
         out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_MEMORY_BYTES=memory)
-        _one_line_refusal(out, str(good))
+        assert_one_line_refusal(out, str(good))
     out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_TIMEOUT_S="0")
-    _one_line_refusal(out, "CKPTSCOPE_PARSE_TIMEOUT_S")
+    assert_one_line_refusal(out, "CKPTSCOPE_PARSE_TIMEOUT_S")
 
 
 def test_cli_reads_a_sharded_set_beside_its_index(tmp_path):
@@ -219,4 +211,4 @@ def test_cli_reads_a_sharded_set_beside_its_index(tmp_path):
 def test_cli_output_that_cannot_be_written_is_one_line(tmp_path):
     good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
     out = run_cli("export", str(good), "-o", str(tmp_path / "no" / "such" / "dir.pt"))
-    _one_line_refusal(out, "No such file")
+    assert_one_line_refusal(out, "No such file")

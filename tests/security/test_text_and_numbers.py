@@ -30,7 +30,7 @@ from ckptscope.errors import Invalid
 from ckptscope.formats import Checkpoint, RootInfo, StorageRef, TensorInfo
 from ckptscope.text import make_storable, reveal, storable_text
 from tests import factories as f
-from tests.helpers import upload, wait_stats
+from tests.helpers import assert_one_line_refusal, upload, wait_stats
 
 CONTROL = [
     "\x1b]0;owned title\x07",  # OSC 0: sets the terminal's title
@@ -77,11 +77,7 @@ def _assert_inert(out: subprocess.CompletedProcess[str]) -> None:
 
 
 def _refused(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("ckptscope: "), out.stderr
-    assert "Traceback" not in out.stderr
-    for fragment in fragments:
-        assert fragment in out.stderr, out.stderr
+    assert_one_line_refusal(out, *fragments)
     _assert_inert(out)
 
 

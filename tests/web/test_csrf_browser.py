@@ -8,7 +8,6 @@ same-origin script that leaves the token out is refused too."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from tests import factories as f
 from tests.helpers import database_env
 from tests.servers import Server
-from tests.web.test_e2e_browser import CHROMIUM_ARGS
 
 pytestmark = pytest.mark.e2e
 
@@ -30,18 +28,6 @@ def server(tmp_path_factory):
     yield srv
     assert srv.terminate()
     assert "Traceback" not in srv.log()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "Debian's chromium is required for the browser tests (scripts/setup.sh --test installs it)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def ids(server: Server) -> list[str]:

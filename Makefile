@@ -1,4 +1,4 @@
-.PHONY: serve test bench bench-quick lint
+.PHONY: serve test bench bench-quick lint fuzz
 
 serve:
 	bash scripts/serve.sh
@@ -6,8 +6,13 @@ serve:
 test:
 	bash scripts/test.sh
 
+# Coverage-guided fuzzing of the readers and the kernel (CKPTSCOPE_FUZZ_SECONDS per harness).
+fuzz:
+	bash scripts/setup.sh --test
+	bash scripts/fuzz.sh
+
 lint:
-	.venv/bin/ruff check ckptscope tests scripts bench
+	.venv/bin/ruff check ckptscope tests scripts bench fuzz
 	.venv/bin/mypy
 
 # Generates ~13 GB of checkpoints under bench-data/ (kept between runs) and writes BENCHMARKS.md.

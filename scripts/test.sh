@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 py="${CKPTSCOPE_VENV:-.venv}/bin/python"
 [ "${CKPTSCOPE_VENV:-}" = "system" ] && py=python3
-"$py" -m ruff check ckptscope tests scripts bench
+"$py" -m ruff check ckptscope tests scripts bench fuzz
 "$py" -m mypy  # strict, on the package ([tool.mypy] in pyproject.toml)
 echo "== tests on SQLite"
 "$py" -m pytest "$@"

@@ -20,6 +20,22 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+/* Value i of a buffer of T at any address: file-mapped chunks start at whatever offset the file
+ * gives them, and dereferencing a misaligned float* is undefined behaviour. memcpy is the
+ * defined way to say "load it"; compilers turn it into one (unaligned) load. */
+#define LOAD(T, p, i) load_##T((p), (i))
+static inline float load_float(const unsigned char *p, Py_ssize_t i) {
+    float v;
+    memcpy(&v, p + (size_t)i * sizeof v, sizeof v);
+    return v;
+}
+static inline double load_double(const unsigned char *p, Py_ssize_t i) {
+    double v;
+    memcpy(&v, p + (size_t)i * sizeof v, sizeof v);
+    return v;
+}
 
 #define BINS 64
 #define BLOCK 2048
@@ -37,13 +53,13 @@ typedef struct {
 } pass1_result;
 
 #define DEFINE_PASS1(NAME, T)                                                                   \
-    FAST static void NAME(const T *x, Py_ssize_t n, pass1_result *r) {                               \
+    FAST static void NAME(const unsigned char *x, Py_ssize_t n, pass1_result *r) {                   \
         double sum = 0.0;                                                                       \
         T lo = (T)INFINITY, hi = (T)-INFINITY;                                                  \
         int64_t nonzero = 0;                                                                    \
         _Pragma("omp simd reduction(+ : sum, nonzero) reduction(min : lo) reduction(max : hi)") \
         for (Py_ssize_t i = 0; i < n; i++) {                                                    \
-            T v = x[i];                                                                         \
+            T v = LOAD(T, x, i);                                                                \
             sum += (double)v;                                                                   \
             lo = v < lo ? v : lo;                                                               \
             hi = v > hi ? v : hi;                                                               \
@@ -62,7 +78,7 @@ typedef struct {
         double fsum = 0.0, flo = INFINITY, fhi = -INFINITY;                                     \
         int64_t finite = 0, nan = 0, inf = 0;                                                   \
         for (Py_ssize_t i = 0; i < n; i++) {                                                    \
-            double v = (double)x[i];                                                            \
+            double v = (double)LOAD(T, x, i);                                                   \
             if (isnan(v)) {                                                                     \
                 nan++;                                                                          \
             } else if (isinf(v)) {                                                              \
@@ -108,7 +124,8 @@ static inline int32_t bin_of_f32(float v, float lo, float scale) {
 }
 
 #define DEFINE_PASS2(NAME, T, FAST_BIN)                                                          \
-    FAST static void NAME(const T *x, Py_ssize_t n, int dirty, double mean, double lo, double scale,  \
+    FAST static void NAME(const unsigned char *x, Py_ssize_t n, int dirty, double mean, double lo,   \
+                          double scale,                                                          \
                      int64_t *hist, double *shift_out, double *css_out) {                        \
         int64_t sub[4][BINS] = {{0}};                                                            \
         int32_t idx[BLOCK];                                                                      \
@@ -119,11 +136,12 @@ static inline int32_t bin_of_f32(float v, float lo, float scale) {
         if (!dirty) {                                                                            \
             for (Py_ssize_t start = 0; start < n; start += BLOCK) {                              \
                 Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;                            \
-                const T *b = x + start;                                                          \
+                const unsigned char *b = x + (size_t)start * sizeof(T);                          \
                 double s = 0.0, c = 0.0;                                                         \
                 _Pragma("omp simd reduction(+ : s, c)")                                          \
                 for (Py_ssize_t j = 0; j < m; j++) {                                             \
-                    double d = (double)b[j] - mean;                                              \
+                    T v = LOAD(T, b, j);                                                         \
+                    double d = (double)v - mean;                                                 \
                     s += d;                                                                      \
                     c += d * d;                                                                  \
                     idx[j] = FAST_BIN;                                                           \
@@ -141,7 +159,7 @@ static inline int32_t bin_of_f32(float v, float lo, float scale) {
             }                                                                                    \
         } else {                                                                                 \
             for (Py_ssize_t i = 0; i < n; i++) {                                                 \
-                double v = (double)x[i];                                                         \
+                double v = (double)LOAD(T, x, i);                                                \
                 if (!isfinite(v)) continue;                                                      \
                 double d = v - mean;                                                             \
                 shift += d;                                                                      \
@@ -154,8 +172,8 @@ static inline int32_t bin_of_f32(float v, float lo, float scale) {
         *css_out = css;                                                                          \
     }
 
-DEFINE_PASS2(pass2_f32, float, f32_bins ? bin_of_f32(b[j], lo32, scale32) : bin_of((double)b[j], lo, scale))
-DEFINE_PASS2(pass2_f64, double, bin_of((double)b[j], lo, scale))
+DEFINE_PASS2(pass2_f32, float, f32_bins ? bin_of_f32(v, lo32, scale32) : bin_of((double)v, lo, scale))
+DEFINE_PASS2(pass2_f64, double, bin_of((double)v, lo, scale))
 
 /* The values buffer must hold exactly `n` values of the stated width. */
 static int check_values(const Py_buffer *buf, Py_ssize_t n, int is_double) {
@@ -185,9 +203,9 @@ static PyObject *kernel_pass1(PyObject *self, PyObject *args) {
     pass1_result r;
     Py_BEGIN_ALLOW_THREADS
     if (is_double)
-        pass1_f64((const double *)values.buf, n, &r);
+        pass1_f64((const unsigned char *)values.buf, n, &r);
     else
-        pass1_f32((const float *)values.buf, n, &r);
+        pass1_f32((const unsigned char *)values.buf, n, &r);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&values);
     return Py_BuildValue("LdddLLL", (long long)r.finite, r.sum, r.lo, r.hi, (long long)r.nonzero,
@@ -206,6 +224,10 @@ static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "the histogram buffer has %zd bytes, not %d int64 counts", hist.len, BINS);
         ok = 0;
     }
+    if (ok && (uintptr_t)hist.buf % _Alignof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "the histogram buffer is not aligned for int64 counts");
+        ok = 0;
+    }
     if (ok && (!(scale >= 0.0) || !isfinite(scale) || !isfinite(lo))) {
         PyErr_SetString(PyExc_ValueError, "bad scale or lower bound");
         ok = 0;
@@ -217,9 +239,9 @@ static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     if (is_double)
-        pass2_f64((const double *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
+        pass2_f64((const unsigned char *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
     else
-        pass2_f32((const float *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
+        pass2_f32((const unsigned char *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&values);
     PyBuffer_Release(&hist);

@@ -52,6 +52,8 @@ def test_addresses_and_bad_histograms_are_refused():
         kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, array("q", bytes(8 * 63)))
     with pytest.raises(TypeError):
         kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, bytes(8 * 64))  # read-only
+    with pytest.raises(ValueError):  # int64 counts at an odd address
+        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, memoryview(bytearray(8 * 64 + 1))[1:])
     for scale, lo in ((-1.0, 0.0), (math.nan, 0.0), (math.inf, 0.0), (1.0, math.nan), (1.0, math.inf)):
         with pytest.raises(ValueError):
             kernel.pass2(values, 3, False, False, 0.0, lo, scale, hist())
@@ -68,6 +70,16 @@ def test_values_outside_the_pass1_range_land_in_the_end_bins(is_double, dirty):
     counts = h.tolist()
     assert sum(counts) == len(values)
     assert counts[0] == 3 and counts[10] == 1 and counts[63] == 4, counts
+
+
+def test_values_at_any_alignment_are_read(tmp_path):
+    """File-mapped chunks start at any offset: values at an odd address are read exactly."""
+    raw = bytearray(1) + f32(1.0, 2.0, 3.0, 4.0)
+    finite, total, lo, hi, *_ = kernel.pass1(memoryview(raw)[1:], 4, False)
+    assert (finite, total, lo, hi) == (4, 10.0, 1.0, 4.0)
+    h = hist()
+    kernel.pass2(memoryview(raw)[1:], 4, False, False, 2.5, 1.0, 64 / 3, h)
+    assert sum(h.tolist()) == 4 and h[0] == 1 and h[63] == 1
 
 
 def test_nan_in_a_chunk_that_pass1_called_clean_does_not_escape_the_histogram():

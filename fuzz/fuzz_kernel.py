@@ -10,8 +10,8 @@ bytearray, an array, a read-only, misaligned, non-contiguous or wrongly typed vi
 faults at once even without ASan; the count exact, off by a few, negative, huge, wrapping
 ``count * itemsize`` round to the buffer's length, or not an int; ``pass2``'s mean/lo/scale from
 the values (as the engine computes them) or arbitrary (NaN, Inf, negative, out-of-range ints); the
-histogram the right size or not, writable or not, misaligned, strided, aliasing the values, inside
-canary bytes.
+histogram the right size or not, writable or not, misaligned (refused: int64 counts are stored
+through an ``int64_t *``), strided, aliasing the values, inside canary bytes.
 
 A call must return or raise ValueError/TypeError/OverflowError (or, for a strided values view, the
 BufferError CPython's argument parsing passes on), and it must return exactly when the arguments
@@ -133,6 +133,19 @@ def is_contiguous_buffer(obj: Any, writable: bool) -> bool:
             return view.c_contiguous and (not writable or not view.readonly)
     except TypeError:
         return False
+
+
+def aligned_for_int64(obj: Any) -> bool:
+    """Whether a writable buffer starts at an address int64 counts may live at (the kernel
+    refuses a histogram that does not)."""
+    try:
+        pin = ctypes.c_char.from_buffer(obj)
+    except (TypeError, ValueError):
+        return False
+    try:
+        return ctypes.addressof(pin) % 8 == 0
+    finally:
+        del pin
 
 
 def as_float(x: Any) -> float | None:
@@ -436,7 +449,9 @@ def test_one_input(data: bytes) -> None:
     hist = make_hist(fdp, buffer)
 
     fmean, flo, fscale = as_float(mean), as_float(lo), as_float(scale)
-    hist_ok = is_contiguous_buffer(hist.obj, True) and len(hist.before or b"") == HIST_BYTES
+    hist_ok = (
+        is_contiguous_buffer(hist.obj, True) and len(hist.before or b"") == HIST_BYTES and aligned_for_int64(hist.obj)
+    )
     params_ok = (
         fmean is not None
         and flo is not None

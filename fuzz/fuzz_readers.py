@@ -59,15 +59,21 @@ with atheris.instrument_imports(include=["ckptscope", "pickle", "zipfile"]):
 
 
 def _workdir() -> Path:
-    """Where each input is written (``CKPTSCOPE_FUZZ_WORKDIR``, kept; else a temp dir, removed at
-    exit). After a crash libFuzzer cannot record (a C stack overflow), ``input`` and ``shard``
-    there are the input that crashed."""
+    """Where each input is written (``CKPTSCOPE_FUZZ_WORKDIR``, kept; else a temp dir). After a
+    crash libFuzzer cannot record (a C stack overflow), ``input`` and ``shard`` there are the input
+    that crashed. libFuzzer ends with ``_exit`` (no atexit), so temp dirs left by processes that
+    are gone are removed at start."""
     if os.environ.get("CKPTSCOPE_FUZZ_WORKDIR"):
         work = Path(os.environ["CKPTSCOPE_FUZZ_WORKDIR"])
         work.mkdir(parents=True, exist_ok=True)
         return work
     shm = Path("/dev/shm")
-    work = Path(tempfile.mkdtemp(prefix="ckptscope-fuzz-", dir=shm if shm.is_dir() else None))
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    for old in base.glob("ckptscope-fuzz-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f"ckptscope-fuzz-{os.getpid()}-", dir=base))
     atexit.register(shutil.rmtree, work, True)
     return work
 

@@ -274,6 +274,10 @@ def zip_tricks(ctx: Context) -> list[Row]:
     central = encrypted.find(b"PK\x01\x02")
     encrypted[central + 8] |= 1
     row("zip_encrypted_flag", bytes(encrypted), code="corrupt_zip")
+    two_sizes = bytearray(good)  # a stored entry whose central record claims 2.5 GB compressed
+    record = two_sizes.find(b"PK\x01\x02")
+    two_sizes[record + 20 : record + 24] = struct.pack("<I", 0x96000006)
+    row("zip_stored_sizes_differ", bytes(two_sizes), code="corrupt_zip")
     row("zip_polyglot_safetensors_then_zip", _valid_safetensors() + good, code="corrupt_safetensors")
     row("zip_junk_prefix", b"#!/bin/sh\necho hi\n" + good, code="unknown_format")
     row("zip_truncated_half", good[: len(good) // 2], code="corrupt_zip")

@@ -75,6 +75,8 @@ def read_torch_zip(path: str | Path) -> Checkpoint:
                 raise _bad_zip(
                     f"zip entry {info.filename!r} is compressed; PyTorch checkpoints store every entry uncompressed"
                 )
+            if info.compress_size != info.file_size:  # stored: the two sizes are one
+                raise _bad_zip(f"zip entry {info.filename!r} declares two different sizes for its stored bytes")
             total += info.file_size
             entries[info.filename] = info
         if total > file_size:

@@ -9,6 +9,7 @@
 #
 #   CKPTSCOPE_FUZZ_SECONDS    seconds per harness (default 60; three runs)
 #   CKPTSCOPE_FUZZ_TIMEOUT    seconds one input may take (default 10)
+#   CKPTSCOPE_FUZZ_SEED       libFuzzer's mutation seed (default 1, so CI repeats; 0 for a random one)
 #   CKPTSCOPE_FUZZ_ARTIFACTS  findings and logs (default test-artifacts/fuzz, git-ignored)
 #   CKPTSCOPE_FUZZ_CORPUS     keep the grown corpora there across runs (default: a temp dir)
 #   CKPTSCOPE_FUZZ_ASAN=0     skip the sanitized kernel run (it is skipped anyway without gcc/libasan)
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 py=${PYTHON:-.venv/bin/python}
 seconds=${CKPTSCOPE_FUZZ_SECONDS:-60}
+seed=${CKPTSCOPE_FUZZ_SEED:-1}  # a fixed mutation seed: CI's runs repeat; 0 = a new one each run
 timeout=${CKPTSCOPE_FUZZ_TIMEOUT:-10}
 artifacts=${CKPTSCOPE_FUZZ_ARTIFACTS:-test-artifacts/fuzz}
 mkdir -p "$artifacts"
@@ -49,7 +51,7 @@ run() {
     echo "== $name: ${seconds}s (log: $log)"
     local rc=0
     env "${envs[@]}" CKPTSCOPE_FUZZ_WORKDIR="$inputs" "$py" -m "fuzz.$module" \
-        -max_total_time="$seconds" -timeout="$timeout" -rss_limit_mb=2048 -max_len="$max_len" \
+        -max_total_time="$seconds" -timeout="$timeout" -rss_limit_mb=2048 -max_len="$max_len" -seed="$seed" \
         -artifact_prefix="$artifacts/$name-" -print_final_stats=1 "${flags[@]}" "$corpus" "$seeds" \
         >"$log" 2>&1 || rc=$?
     if [ "$rc" -eq 0 ]; then

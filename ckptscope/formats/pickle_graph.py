@@ -44,7 +44,7 @@ class WorkBudget:
 
     def spend(self, steps: int = 1) -> None:
         self.left -= steps
-        if self.left < 0:  # (inlined by no caller: one attribute update and a comparison)
+        if self.left < 0:
             raise CheckpointError(
                 "limit_exceeded",
                 "reading the pickle takes more work than any checkpoint needs (shared references nested "

@@ -193,10 +193,13 @@ def _torch_device(*args: Any) -> str:
 
 
 def _ordered_dict(*args: Any) -> dict[Any, Any]:
-    if args and not (len(args) == 1 and isinstance(args[0], list | tuple | dict)):
+    if not args:
+        return {}
+    if len(args) != 1 or not isinstance(args[0], list | tuple | dict):
         raise _bad("unsupported OrderedDict arguments")
+    pairs = args[0].items() if isinstance(args[0], dict) else args[0]
     out: dict[Any, Any] = {}
-    for item in (args[0].items() if isinstance(args[0], dict) else args[0]) if args else ():
+    for item in pairs:
         if not isinstance(item, tuple | list) or len(item) != 2:
             raise _bad("OrderedDict built from something that is not a list of pairs")
         out[_scalar_key(item[0])] = item[1]

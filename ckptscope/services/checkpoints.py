@@ -12,7 +12,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ckptscope.errors import Invalid, NotFound
-from ckptscope.formats import Checkpoint as Listing
 from ckptscope.formats import TensorInfo, sniff
 from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 from ckptscope.stats import TensorStats, TreeNode, build_tree
@@ -55,13 +54,6 @@ def _pick_primary(uploads: Sequence[Upload]) -> Upload:
     return indexes[0]
 
 
-def _check_storable(listing: Listing) -> None:
-    """Text the catalogue must be able to hold on any database: names with a NUL (PostgreSQL
-    refuses it) or a lone surrogate (no UTF-8 encoder writes it) are refused with ``bad_name``,
-    such characters in metadata and warnings are escaped. The CLI applies the same rule."""
-    make_storable(listing)
-
-
 def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:
     """Delete the blobs that no catalogue row references and no upload in flight has pinned."""
     for sha in sorted(set(shas)):
@@ -98,7 +90,7 @@ def ingest(
             listing = open_checkpoint_sandboxed(
                 primary.blob.path, shards=by_name, name=display_name(primary.name), limits=core.parse_limits
             )
-        _check_storable(listing)
+        make_storable(listing)  # text any database can hold (bad_name); the CLI applies the same rule
         used = {str(p) for p in listing.files}
         unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
         if unused:

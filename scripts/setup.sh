@@ -38,7 +38,9 @@ pip_install() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
 # torch first, pinned: an unpinned torch>=2.10 in an empty venv pulls a multi-GB CUDA build.
 pip_install "${TORCH_SPEC:-torch==2.13.0}"
 if [ "$with_tests" = 1 ]; then
-    pip_install -e ".[test]"
+    # torch pinned on the same line as the test extras' producer libraries, so none of them can
+    # move it
+    pip_install "${TORCH_SPEC:-torch==2.13.0}" -e ".[test]"
     if ! command -v chromium >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ]; then
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

@@ -123,6 +123,7 @@ def get_checkpoint(checkpoint_id: str, core: CoreDep) -> dict[str, Any]:
         "files": files,
         "stats_error": content.stats_error,
         "provenance": row.provenance,
+        "pickle": content.pickle_report,
     }
 
 

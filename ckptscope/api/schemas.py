@@ -47,6 +47,10 @@ class TensorOut(BaseModel):
     numel: int
     nbytes: int
     kind: str = Field(description="parameter or buffer")
+    kind_source: str = Field(
+        description="file: the file says whether it is a parameter or a buffer (a pickled nn.Parameter or module "
+        "state); name: guessed from its name and dtype"
+    )
     alias_of: str | None = Field(description="tied tensor: the first name viewing the same data")
     contiguous: bool
     data_offset: int
@@ -107,6 +111,20 @@ class CheckpointOut(BaseModel):
     job_id: str | None
 
 
+class PickleGlobalOut(BaseModel):
+    name: str = Field(description="module.qualname as the pickle names it")
+    count: int = Field(description="times the pickle references it")
+    role: str = Field(description="tensor, data, object, call or refused")
+
+
+class PickleReportOut(BaseModel):
+    globals: list[PickleGlobalOut]
+    weights_only_loadable: bool = Field(description="torch.load(weights_only=True) on torch >= 2.10 would load it")
+    safe_globals_needed: list[str] = Field(
+        description="what torch.serialization.add_safe_globals([...]) would need for a weights-only load"
+    )
+
+
 class CheckpointDetailOut(CheckpointOut):
     default_root: str
     roots: list[RootOut]
@@ -115,6 +133,9 @@ class CheckpointDetailOut(CheckpointOut):
     files: list[FileOut]
     stats_error: str | None
     provenance: dict[str, Any] | None
+    pickle: PickleReportOut | None = Field(
+        None, description="pickled formats: every global the pickle names, and what torch.load(weights_only=True) needs"
+    )
 
 
 class TreeNodeOut(BaseModel):
@@ -131,6 +152,7 @@ class TreeNodeOut(BaseModel):
     dtypes: dict[str, int]
     nan: int
     inf: int
+    module_type: str | None = Field(None, description="class of the pickled module here (whole-module pickles)")
     children: list[TreeNodeOut] | None = None
 
 

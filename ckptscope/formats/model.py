@@ -61,6 +61,23 @@ BUFFER_NAMES = frozenset(
         "relative_position_index",
         "attn_mask",
         "causal_mask",
+        # diffusion schedules kept by Stable Diffusion 1.x/2.x (ldm) models, EMA bookkeeping
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "lvlb_weights",
+        "decay",
+        "num_updates",
+        "pe",
     }
 )
 
@@ -85,7 +102,17 @@ class StorageRef(NamedTuple):
 
 
 class TensorInfo(NamedTuple):
-    """One tensor as listed (a NamedTuple: listings build tens of thousands of these)."""
+    """One tensor as listed (a NamedTuple: listings build tens of thousands of these).
+
+    Most tensors are a strided view of ``dtype`` elements in one byte range of one file. Two other
+    shapes of data exist:
+    - ``encoding`` set (a GGUF quantisation such as ``Q4_K``, see ``stats/decoding.py``): the
+      storage's bytes are blocks that decode to ``dtype`` values, contiguous, ``numel`` of them;
+      ``nbytes`` is then the physical size.
+    - ``pieces`` set (a sharded torch.distributed.checkpoint tensor): the logical tensor is
+      stitched from chunks, each a plain tensor at ``offsets`` in the logical one; ``storage``
+      then names the first chunk's file with no bytes of its own.
+    """
 
     name: str
     dtype: str
@@ -95,6 +122,10 @@ class TensorInfo(NamedTuple):
     storage: StorageRef
     kind: str = "parameter"  # "parameter" | "buffer"
     alias_of: str | None = None  # first name (in file order) viewing exactly the same data
+    kind_source: str = "name"  # "file": the file says parameter or buffer; "name": guessed from the name
+    encoding: str | None = None  # how the stored bytes decode to ``dtype`` values (None: they are them)
+    file_dtype: str | None = None  # the type as the file spells it, where that is not a torch dtype name
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -106,7 +137,22 @@ class TensorInfo(NamedTuple):
 
     @property
     def nbytes(self) -> int:
+        """Bytes the tensor's data takes in its file(s)."""
+        if self.pieces:
+            return sum(p.info.nbytes for p in self.pieces)
+        if self.encoding is not None:
+            return self.storage.nbytes
         return self.numel * self.itemsize
+
+    @property
+    def shown_dtype(self) -> str:
+        """The dtype as listings show it: the file's own type name where it has one (GGUF)."""
+        return self.file_dtype or self.dtype
+
+    @property
+    def plain(self) -> bool:
+        """A strided view of ``dtype`` elements in one byte range (no decoding, no stitching)."""
+        return self.encoding is None and not self.pieces
 
     @property
     def data_offset(self) -> int:
@@ -125,16 +171,14 @@ class TensorInfo(NamedTuple):
         )
 
     def renamed(self, name: str, alias_of: str | None = None) -> TensorInfo:
-        return TensorInfo(
-            name,
-            self.dtype,
-            self.shape,
-            self.stride,
-            self.storage_offset,
-            self.storage,
-            self.kind,
-            alias_of,
-        )
+        return self._replace(name=name, alias_of=alias_of)
+
+
+class Piece(NamedTuple):
+    """One chunk of a stitched tensor: where it sits in the logical tensor, and its data."""
+
+    offsets: tuple[int, ...]  # index of the chunk's first element along each dimension
+    info: TensorInfo  # the chunk as a plain tensor (its shape is the chunk's)
 
 
 @lru_cache(maxsize=4096)
@@ -164,6 +208,9 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # dotted module path (from the file's top level) -> class of the pickled module found there
+    module_types: dict[str, str] = field(default_factory=dict)
+    pickle: dict[str, Any] | None = None  # the pickle report (pickled formats), see pickle_report.py
 
     def resolve_root(self, root: str | None) -> str:
         return resolve_root(root, self.default_root, [r.path for r in self.roots])
@@ -198,6 +245,59 @@ def relative_name(name: str, root: str) -> str | None:
     return name[len(root) + 1 :] if name.startswith(root + ".") else None
 
 
+def module_types_under(module_types: dict[str, str], root: str) -> dict[str, str]:
+    """The module classes of a root's modules, keyed relative to it ("" for the root itself)."""
+    if root == "":
+        return dict(module_types)
+    out: dict[str, str] = {}
+    for path, cls in module_types.items():
+        if path == root:
+            out[""] = cls
+        else:
+            name = relative_name(path, root)
+            if name is not None:
+                out[name] = cls
+    return out
+
+
+def _tensor_to_json(t: TensorInfo) -> list[Any]:
+    return [
+        t.name,
+        t.dtype,
+        list(t.shape),
+        list(t.stride),
+        t.storage_offset,
+        t.storage.path,
+        t.storage.offset,
+        t.storage.nbytes,
+        t.storage.key,
+        t.kind,
+        t.alias_of,
+        t.kind_source,
+        t.encoding,
+        t.file_dtype,
+        [[list(p.offsets), _tensor_to_json(p.info)] for p in t.pieces],
+    ]
+
+
+def _tensor_from_json(row: list[Any]) -> TensorInfo:
+    name, dtype, shape, stride, soff, path, off, nbytes, key, kind, alias, kind_source, encoding, file_dtype, pieces = row
+    return TensorInfo(
+        name,
+        dtype,
+        tuple(shape),
+        tuple(stride),
+        soff,
+        StorageRef(path, off, nbytes, key),
+        kind,
+        alias,
+        kind_source,
+        encoding,
+        file_dtype,
+        tuple(Piece(tuple(offsets), _tensor_from_json(info)) for offsets, info in pieces),
+    )
+
+
 def checkpoint_to_json(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "format": ckpt.format,
@@ -206,36 +306,21 @@ def checkpoint_to_json(ckpt: Checkpoint) -> dict[str, Any]:
         "metadata": ckpt.metadata,
         "warnings": ckpt.warnings,
         "files": ckpt.files,
-        "tensors": [
-            [
-                t.name,
-                t.dtype,
-                list(t.shape),
-                list(t.stride),
-                t.storage_offset,
-                t.storage.path,
-                t.storage.offset,
-                t.storage.nbytes,
-                t.storage.key,
-                t.kind,
-                t.alias_of,
-            ]
-            for t in ckpt.tensors
-        ],
+        "module_types": ckpt.module_types,
+        "pickle": ckpt.pickle,
+        "tensors": [_tensor_to_json(t) for t in ckpt.tensors],
     }
 
 
 def checkpoint_from_json(data: dict[str, Any]) -> Checkpoint:
-    tensors = [
-        TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, StorageRef(path, off, nbytes, key), kind, alias)
-        for name, dtype, shape, stride, soff, path, off, nbytes, key, kind, alias in data["tensors"]
-    ]
     return Checkpoint(
         format=data["format"],
-        tensors=tensors,
+        tensors=[_tensor_from_json(row) for row in data["tensors"]],
         roots=[RootInfo(p, n) for p, n in data["roots"]],
         default_root=data["default_root"],
         metadata=data["metadata"],
         warnings=data["warnings"],
         files=data["files"],
+        module_types=data["module_types"],
+        pickle=data["pickle"],
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptscope.errors import Invalid, NotFound
 from ckptscope.formats import TensorInfo, sniff
+from ckptscope.formats.model import module_types_under
 from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 from ckptscope.stats import TensorStats, TreeNode, build_tree
 from ckptscope.store.blobs import Blob
@@ -151,7 +152,8 @@ def module_tree(core: Core, content: Content, root: str) -> TreeNode:
 
     def build() -> TreeNode:
         pairs = all_tensors(core, content, root)
-        return build_tree([t for t, _ in pairs], {t.name: s for t, s in pairs if s is not None})
+        stats = {t.name: s for t, s in pairs if s is not None}
+        return build_tree([t for t, _ in pairs], stats, module_types_under(content.module_types or {}, root))
 
     return core.trees.get((content.key, root, content.stats_state), build)
 

@@ -7,18 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptscope.formats import Checkpoint, TensorInfo
-from ckptscope.formats.model import contiguous_stride
+from ckptscope.formats.model import contiguous_stride, module_types_under
 from ckptscope.stats import TensorStats, TreeNode, build_tree
 
 
 def tensor_record(t: TensorInfo, stats: TensorStats | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": t.name,
-        "dtype": t.dtype,
+        "dtype": t.shown_dtype,
         "shape": list(t.shape),
         "numel": t.numel,
         "nbytes": t.nbytes,
         "kind": t.kind,
+        "kind_source": t.kind_source,
         "alias_of": t.alias_of,
         "contiguous": t.stride == contiguous_stride(t.shape),
         "data_offset": t.data_offset,
@@ -46,6 +47,7 @@ class Inspection:
             "roots": [{"path": r.path, "tensor_count": r.tensor_count} for r in ckpt.roots],
             "metadata": ckpt.metadata,
             "warnings": ckpt.warnings,
+            "pickle": ckpt.pickle,
             "tensor_count": len(self.tensors),
             "total_bytes": self.tree.nbytes,
             "tensors": [tensor_record(t, stats.get(t.name)) for t in self.tensors],
@@ -70,4 +72,4 @@ def inspect_listing(
         from ckptscope.stats.torch_engine import resolve_device
 
         stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
-    return Inspection(ckpt, root, tensors, stats, build_tree(tensors, stats))
+    return Inspection(ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root)))

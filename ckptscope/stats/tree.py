@@ -35,6 +35,7 @@ class TreeNode:
     dtypes: dict[str, int] = field(default_factory=dict)
     nan: int = 0
     inf: int = 0
+    module_type: str | None = None  # the class of the pickled module at this path (whole-module pickles)
 
     def child_list(self) -> list[TreeNode]:
         """Children in file order, except that integer parts sort numerically (``module_order``)."""
@@ -62,6 +63,7 @@ class TreeNode:
             "dtypes": dict(self.dtypes),
             "nan": self.nan,
             "inf": self.inf,
+            "module_type": self.module_type,
         }
 
     def to_json(self, depth: int | None = None) -> dict[str, Any]:
@@ -71,7 +73,12 @@ class TreeNode:
         return out
 
 
-def build_tree(tensors: Iterable[TensorInfo], stats: Mapping[str, TensorStats] | None = None) -> TreeNode:
+def build_tree(
+    tensors: Iterable[TensorInfo],
+    stats: Mapping[str, TensorStats] | None = None,
+    module_types: Mapping[str, str] | None = None,
+) -> TreeNode:
+    """``module_types``: module path (relative to the tree's root, "" for it) -> class name."""
     root = TreeNode("", "")
     for t in tensors:
         node = root
@@ -88,7 +95,7 @@ def build_tree(tensors: Iterable[TensorInfo], stats: Mapping[str, TensorStats] |
         for n in chain:
             n.tensor_count += 1
             n.numel += t.numel
-            n.dtypes[t.dtype] = n.dtypes.get(t.dtype, 0) + 1
+            n.dtypes[t.shown_dtype] = n.dtypes.get(t.shown_dtype, 0) + 1
             if t.alias_of:
                 n.alias_count += 1
             else:
@@ -100,6 +107,10 @@ def build_tree(tensors: Iterable[TensorInfo], stats: Mapping[str, TensorStats] |
             if s is not None:
                 n.nan += s.nan
                 n.inf += s.inf
+    for path, cls in (module_types or {}).items():
+        node = root.find(path)
+        if node is not None:
+            node.module_type = cls
     return root
 
 

@@ -80,6 +80,8 @@ class Content(Base):
     warnings: Mapped[list[str]] = mapped_column(JSON)
     tensor_count: Mapped[int] = mapped_column(Integer)
     total_bytes: Mapped[int] = mapped_column(BigInteger)
+    module_types: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # module path -> class
+    pickle_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     stats_state: Mapped[str] = mapped_column(String(16), default=StatsState.PENDING)  # a StatsState
     stats_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # which server process computes the stats, and when it last said so (processes share the catalogue)
@@ -123,6 +125,10 @@ class TensorRow(StatsColumns, Base):  # type: ignore[misc]
     storage_byte_offset: Mapped[int] = mapped_column(BigInteger)
     storage_nbytes: Mapped[int] = mapped_column(BigInteger)
     storage_offset: Mapped[int] = mapped_column(BigInteger)  # elements
+    kind_source: Mapped[str] = mapped_column(String(8), default="name")  # "file" | "name"
+    encoding: Mapped[str | None] = mapped_column(String(32), nullable=True)  # GGUF quantisation
+    file_dtype: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the file's type name
+    pieces: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a stitched tensor's chunks
     # ... the statistics' columns (StatsColumns), then:
     hist: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {bins, min, max, note}
 

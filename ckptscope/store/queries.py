@@ -16,7 +16,7 @@ from sqlalchemy import Table, bindparam, delete, func, select, update
 
 from ckptscope.errors import Invalid, NotFound
 from ckptscope.formats.model import Checkpoint as Listing
-from ckptscope.formats.model import StorageRef, TensorInfo, relative_name, resolve_root
+from ckptscope.formats.model import Piece, StorageRef, TensorInfo, relative_name, resolve_root
 from ckptscope.stats.model import STATISTICS, TensorStats, finite_or_none
 from ckptscope.stats.tree import build_tree
 
@@ -114,6 +114,8 @@ class CatalogueQueries:
                         warnings=listing.warnings,
                         tensor_count=len(listing.tensors),
                         total_bytes=build_tree(listing.tensors).nbytes,
+                        module_types=listing.module_types,
+                        pickle_report=listing.pickle,
                         stats_state=StatsState.PENDING,
                     )
                     session.add(content)
@@ -180,7 +182,21 @@ class CatalogueQueries:
             storage,
             row.kind,
             relative_name(row.alias_of, root) if row.alias_of else None,
+            row.kind_source,
+            row.encoding,
+            row.file_dtype,
+            self._pieces_from_json(row.name, row.pieces),
         )
+
+    def _pieces_from_json(self, name: str, text: str | None) -> tuple[Piece, ...]:
+        if not text:
+            return ()
+        pieces = []
+        for offsets, dtype, shape, stride, soff, sha, off, nbytes, key in json.loads(text):
+            storage = StorageRef(str(self.blobs.path_for(sha)), off, nbytes, key)
+            info = TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, storage)
+            pieces.append(Piece(tuple(offsets), info))
+        return tuple(pieces)
 
     def tensor_page(
         self,
@@ -361,6 +377,30 @@ def _tensor_rows(key: str, listing: Listing, sha_of_path: dict[str, str]) -> lis
             "storage_byte_offset": t.storage.offset,
             "storage_nbytes": t.storage.nbytes,
             "storage_offset": t.storage_offset,
+            "kind_source": t.kind_source,
+            "encoding": t.encoding,
+            "file_dtype": t.file_dtype,
+            "pieces": _pieces_to_json(t.pieces, sha_of_path) if t.pieces else None,
         }
         for i, t in enumerate(listing.tensors)
     ]
+
+
+def _pieces_to_json(pieces: Sequence[Piece], sha_of_path: dict[str, str]) -> str:
+    """A stitched tensor's chunks, each naming its file by content hash (as tensor rows do)."""
+    return dumps(
+        [
+            [
+                list(p.offsets),
+                p.info.dtype,
+                list(p.info.shape),
+                list(p.info.stride),
+                p.info.storage_offset,
+                sha_of_path[p.info.storage.path],
+                p.info.storage.offset,
+                p.info.storage.nbytes,
+                p.info.storage.key,
+            ]
+            for p in pieces
+        ]
+    )

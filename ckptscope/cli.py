@@ -150,9 +150,14 @@ def _pairs(values: list[str]) -> dict[str, str]:
     return parse_pairs(values)
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, listing: Checkpoint | None = None) -> str:
+    """A file's sha256; for a folder, the digest of its files' names and hashes (the rule of a
+    multi-file upload's content key), over the files the listing was read from."""
     import hashlib
 
+    if listing is not None and os.path.isdir(path):
+        parts = sorted((Path(f).name, _sha256(f)) for f in listing.files)
+        return parts[0][1] if len(parts) == 1 else hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -185,17 +190,30 @@ def _format_for_output(path: str, requested: str | None) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ckptscope.services.operations import export_metadata, export_with_plan, write_checkpoint
+    from ckptscope.services.operations import (
+        dequantized,
+        dequantized_text,
+        export_metadata,
+        export_with_plan,
+        write_checkpoint,
+    )
 
     ckpt = _open(args.path)
     root = ckpt.resolve_root(args.root)
     rename = _pairs(args.rename)
-    outputs, plan = export_with_plan(ckpt.root_tensors(root), args.include, args.exclude, rename, args.freeze)
+    tensors = ckpt.root_tensors(root)
+    outputs, plan = export_with_plan(tensors, args.include, args.exclude, rename, args.freeze, args.dtype)
     fmt = _format_for_output(args.output, args.format)
-    selection = {"root": root, "include": args.include, "exclude": args.exclude, "rename": rename}
-    metadata = export_metadata(_file_name(args.path), _sha256(args.path), selection, plan, ckpt.metadata, fmt)
+    selection: dict[str, Any] = {"root": root, "include": args.include, "exclude": args.exclude, "rename": rename}
+    if args.dtype:
+        selection["dtype"] = args.dtype
+    decoded = dequantized(outputs)
+    source_sha = _sha256(args.path, ckpt)
+    metadata = export_metadata(_file_name(args.path), source_sha, selection, plan, ckpt.metadata, fmt, decoded)
     _write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
     _say(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
+    if decoded:
+        _say(dequantized_text(decoded))
     return 0
 
 
@@ -215,8 +233,8 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         fmt = output_format_for(dst.format)
         provenance = {
             "operation": "copy",
-            "source": {"name": _file_name(args.source), "sha256": _sha256(args.source), "root": source_root},
-            "target": {"name": _file_name(args.target), "sha256": _sha256(args.target), "root": target_root},
+            "source": {"name": _file_name(args.source), "sha256": _sha256(args.source, src), "root": source_root},
+            "target": {"name": _file_name(args.target), "sha256": _sha256(args.target, dst), "root": target_root},
             "mapping": report.mapping,
             "strict": strict,
         }
@@ -229,11 +247,17 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         counts = data["counts"]
         _say(
             f"copied {counts['copied']}, missing {counts['missing']}, unexpected {counts['unexpected']}, "
-            f"shape mismatches {counts['shape_mismatches']}, dtype changes {counts['dtype_changes']}"
+            f"shape mismatches {counts['shape_mismatches']}, dtype changes {counts['dtype_changes']}, "
+            f"tied aliases updated {counts['aliases_updated']}, tied conflicts {counts['tied_conflicts']}"
         )
         for key in ("missing", "unexpected", "shape_mismatches", "dtype_changes"):
             for item in data[key][:20]:
                 _say(f"  {key}: {item}")
+        for alias in data["aliases_updated"][:20]:
+            _say(f"  alias updated: {alias['name']} (tied to {alias['via']}, from {alias['source']})")
+        for conflict in data["tied_conflicts"][:20]:
+            names = " and ".join(f"{c['source']} -> {c['target']}" for c in conflict["sources"])
+            _say(f"  tied conflict: {names} fill one storage; {conflict['winner']['target']} wins")
         _say(f"wrote {args.output}" if written else "nothing written")
     if not args.dry_run and not report.ok and strict:
         _say("ckptscope: strict copy refused (use --no-strict to copy what fits)", err=True)
@@ -363,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["safetensors", "pt"], default=None, help="default: from the output name")
     e.add_argument("--freeze", action="append", default=[], help="embed a freeze plan for this module")
     e.add_argument("--root", default=None)
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="store floating-point tensors in this dtype; quantized GGUF tensors are dequantized to it "
+        "(default: float32 for those, the rest unchanged)",
+    )
     e.set_defaults(func=_cmd_export)
     c = sub.add_parser("copy", help="copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
     c.add_argument("source")

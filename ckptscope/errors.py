@@ -5,7 +5,7 @@ raise these, never bare ``KeyError``/``ValueError`` for a user's mistake."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CkptscopeError(Exception):
@@ -16,6 +16,7 @@ class CkptscopeError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.code = code or self.default_code
+        self.extra: dict[str, Any] = {}  # JSON-ready members the problem document carries besides these
 
     def __str__(self) -> str:
         return self.detail

@@ -55,7 +55,7 @@ with atheris.instrument_imports(include=["ckptscope", "pickle", "zipfile"]):
 
     from ckptscope.errors import CheckpointError
     from ckptscope.formats import open_checkpoint
-    from ckptscope.formats.model import DTYPES, Checkpoint, checkpoint_from_json, checkpoint_to_json
+    from ckptscope.formats.model import DTYPES, Checkpoint, TensorInfo, checkpoint_from_json, checkpoint_to_json
 
 
 def _workdir() -> Path:
@@ -83,22 +83,37 @@ MAIN = WORK / "input"
 SHARD = WORK / "shard"
 
 
+def check_tensor(t: TensorInfo, sizes: dict[str, int]) -> None:
+    assert t.dtype in DTYPES, (t.name, t.dtype)
+    assert isinstance(t.name, str), t.name
+    assert len(t.shape) == len(t.stride) and all(type(v) is int and v >= 0 for v in (*t.shape, *t.stride))
+    s = t.storage
+    assert s.path in sizes, (t.name, s.path)
+    assert type(s.offset) is int and type(s.nbytes) is int, (t.name, s)
+    assert 0 <= s.offset and 0 <= s.nbytes and s.offset + s.nbytes <= sizes[s.path], (t.name, s, sizes[s.path])
+    assert type(t.storage_offset) is int and t.storage_offset >= 0, (t.name, t.storage_offset)
+    if t.numel and (t.plain or t.quant is not None):
+        last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride, strict=True))
+        assert (last + 1) * t.itemsize <= s.nbytes, (t.name, "view beyond its storage", t)
+    if t.encoding is not None and t.encoding != "meta":  # GGUF blocks: the byte range holds them all
+        from ckptscope.formats.gguf_format import GGML_TYPES_BY_NAME
+
+        block = GGML_TYPES_BY_NAME[t.encoding]
+        assert t.numel % block.block_size == 0 and s.nbytes == t.numel // block.block_size * block.type_size, t
+
+
 def check_listing(ckpt: Checkpoint, files: set[str]) -> None:
     """What every consumer of a listing relies on."""
     assert isinstance(ckpt, Checkpoint), type(ckpt)
     sizes = {f: os.path.getsize(f) for f in files}
     for t in ckpt.tensors:
-        assert t.dtype in DTYPES, (t.name, t.dtype)
-        assert isinstance(t.name, str), t.name
-        assert len(t.shape) == len(t.stride) and all(type(v) is int and v >= 0 for v in (*t.shape, *t.stride))
-        s = t.storage
-        assert s.path in sizes, (t.name, s.path)
-        assert type(s.offset) is int and type(s.nbytes) is int, (t.name, s)
-        assert 0 <= s.offset and 0 <= s.nbytes and s.offset + s.nbytes <= sizes[s.path], (t.name, s, sizes[s.path])
-        assert type(t.storage_offset) is int and t.storage_offset >= 0, (t.name, t.storage_offset)
-        if t.numel:
-            last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride, strict=True))
-            assert (last + 1) * t.itemsize <= s.nbytes, (t.name, "view beyond its storage", t)
+        check_tensor(t, sizes)
+        for piece in t.pieces:
+            check_tensor(piece.info, sizes)
+        if t.quant is not None:
+            for aux in (t.quant.scales, t.quant.zero_points):
+                if aux is not None:
+                    check_tensor(aux, sizes)
     ckpt.root_tensors(ckpt.default_root)  # the default root resolves
     for root in ckpt.roots:
         ckpt.root_tensors(root.path)

@@ -125,6 +125,69 @@ def reader_seeds() -> dict[str, bytes]:
     out["sharded_safetensors"] = _index("model-00001-of-00001.safetensors", ["w"]) + SHARD_SEPARATOR + st_shard
     out["sharded_torch"] = _index("pytorch_model-00001-of-00001.bin", ["w", "gone"]) + SHARD_SEPARATOR + pt_shard
     out["index_alone"] = _index("model.safetensors", ["w"])
+    out |= _issue13_seeds()
+    return out
+
+
+def _issue13_seeds() -> dict[str, bytes]:
+    """Whole pickled modules, plain objects beside the weights, quantized and meta tensors, GGUF."""
+    import argparse
+    import datetime
+
+    import torch
+
+    torch.manual_seed(1)
+    with torch.device("meta"):
+        meta = torch.nn.Linear(2, 2).state_dict()
+    objects: dict[str, object] = {
+        "whole_module": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)),
+        "objects": {
+            "model": {"w": torch.randn(2)},
+            "args": argparse.Namespace(lr=0.1),
+            "when": datetime.datetime(2026, 1, 1),
+        },
+        "quantized": {
+            "q": torch.quantize_per_tensor(torch.randn(3, 4), 0.1, 2, torch.qint8),
+            "qc": torch.quantize_per_channel(
+                torch.randn(2, 3), torch.tensor([0.1, 0.2], dtype=torch.float64), torch.tensor([0, 1]), 0, torch.quint8
+            ),
+        },
+        "meta": meta,
+    }
+    out: dict[str, bytes] = {}
+    for name, obj in objects.items():
+        out[f"zip_{name}"] = _torch_bytes(obj, legacy=False, protocol=2)
+        out[f"legacy_{name}"] = _torch_bytes(obj, legacy=True, protocol=2)
+    out |= _gguf_seeds()
+    return out
+
+
+def _gguf_seeds() -> dict[str, bytes]:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    rng = np.random.default_rng(0)
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in ("F32", "F16", "Q8_0", "Q4_0"):
+            path = Path(tmp) / f"{qtype}.gguf"
+            writer = GGUFWriter(str(path), "llama")
+            writer.add_uint32("llama.block_count", 1)
+            writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+            values = rng.standard_normal((4, 64)).astype(np.float32)
+            kind = GGMLQuantizationType[qtype]
+            if qtype == "F16":
+                writer.add_tensor("blk.0.w", values.astype(np.float16))
+            elif qtype == "F32":
+                writer.add_tensor("blk.0.w", values)
+            else:
+                data = quants.quantize(values, kind)
+                writer.add_tensor("blk.0.w", data, raw_shape=data.shape, raw_dtype=kind)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            out[f"gguf_{qtype}"] = path.read_bytes()
     return out
 
 

@@ -223,20 +223,21 @@ def pickle_code_execution(ctx: Context) -> list[Row]:
         _wrap_in_zip(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x03\x00\x00\x00_fnNs\x86b."),
         code="no_tensors",
     )
+    # inert objects since issue 13 (nothing imported or called): without tensors, nothing to read
     row(
         "pickle_whole_module",
         _wrap_in_zip(b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81."),
-        code="unsafe_pickle",
+        code="no_tensors",
     )
     row(
         "pickle_numpy_reconstruct",
         _wrap_in_zip(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n)R."),
-        code="unsafe_pickle",
+        code="no_tensors",
     )
     row(
         "pickle_copyreg_reconstructor",
         _wrap_in_zip(b"\x80\x02ccopyreg\n_reconstructor\n)R."),
-        code="unsafe_pickle",
+        code="no_tensors",
     )
     return rows
 

@@ -272,7 +272,8 @@ def freeze_plan(checkpoint_id: str, body: schemas.FreezeRequest, core: CoreDep) 
 )
 def export_checkpoint(checkpoint_id: str, body: schemas.ExportRequest, core: CoreDep) -> dict[str, Any]:
     """Write the selected tensors as a new partial checkpoint (bytes streamed from the source,
-    bit-identical), stored in the catalogue and downloadable."""
+    bit-identical unless `dtype` casts them), stored in the catalogue and downloadable. Quantized
+    GGUF tensors are dequantized (to `dtype`, float32 by default), as `dequantized` reports."""
     row, plan = ops.export(
         core,
         checkpoint_id,
@@ -282,9 +283,13 @@ def export_checkpoint(checkpoint_id: str, body: schemas.ExportRequest, core: Cor
         rename=body.rename,
         fmt=body.format,
         freeze=body.freeze,
+        dtype=body.dtype,
     )
     row, content = svc.get_checkpoint(core, row.id)
-    return checkpoint_out(core, row, content) | {"freeze_plan": plan.to_json() if plan else None}
+    return checkpoint_out(core, row, content) | {
+        "freeze_plan": plan.to_json() if plan else None,
+        "dequantized": (row.provenance or {}).get("dequantized"),
+    }
 
 
 @ops_router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse, responses=ERRORS)

@@ -52,6 +52,11 @@ class TensorOut(BaseModel):
         "state); name: guessed from its name and dtype"
     )
     alias_of: str | None = Field(description="tied tensor: the first name viewing the same data")
+    quantization: dict[str, Any] | None = Field(
+        None,
+        description="a torch quantized tensor: its scheme and integer type, scale and zero point (per tensor) or "
+        "axis and channel count (per channel); its stats are over the dequantized values",
+    )
     contiguous: bool
     data_offset: int
     stats: StatsOut | None = Field(None, description="null while stats are still being computed")
@@ -123,6 +128,7 @@ class PickleReportOut(BaseModel):
     safe_globals_needed: list[str] = Field(
         description="what torch.serialization.add_safe_globals([...]) would need for a weights-only load"
     )
+    note: str | None = Field(None, description="why no safe-globals list helps, or what else stands in the way")
 
 
 class CheckpointDetailOut(CheckpointOut):
@@ -169,7 +175,11 @@ class CopyRequest(BaseModel):
         description="source prefix -> target prefix, e.g. {'encoder.': 'backbone.'}; "
         "{'module.': ''} strips a DDP prefix"
     )
-    strict: bool = Field(True, description="refuse to write when any key is missing, unexpected or mis-shaped")
+    strict: bool = Field(
+        True,
+        description="refuse to write when any key is missing, unexpected or mis-shaped, or when two selected "
+        "tensors would write different values into one tied target storage (tied_conflict)",
+    )
     dry_run: bool = Field(False, description="only report what would happen")
     source_root: Text | None = None
     target_root: Text | None = None
@@ -177,7 +187,12 @@ class CopyRequest(BaseModel):
 
 class CopyResult(BaseModel):
     written: bool
-    report: dict[str, Any]
+    report: dict[str, Any] = Field(
+        description="copied, missing, unexpected, shape_mismatches, dtype_changes (as load_state_dict sees them); "
+        "aliases_updated: target names tied to a copied one (one storage), updated with it: "
+        "[{name, via, source}]; tied_conflicts: tied storages two selected tensors fill with different values "
+        "(non-strict: the later target name wins, as in load_state_dict): [{storage, sources, winner}]; counts"
+    )
     checkpoint: CheckpointOut | None = None
 
 
@@ -193,7 +208,16 @@ class ExportRequest(BaseModel):
     format: str = Field("safetensors", pattern="^(safetensors|pt)$")
     freeze: Prefixes = Field(default_factory=list, description="embed a freeze plan for these modules")
     root: Text | None = None
+    dtype: str | None = Field(
+        None,
+        pattern="^(float32|float16|bfloat16)$",
+        description="store floating-point tensors in this dtype; quantized GGUF tensors are dequantized to it "
+        "(to float32 when not given); integer tensors are kept as they are",
+    )
 
 
 class ExportResult(CheckpointOut):
     freeze_plan: dict[str, Any] | None = None
+    dequantized: dict[str, Any] | None = Field(
+        None, description="quantized (GGUF) tensors decoded on export: {dtype, tensors, encodings: {Q4_K: n}}"
+    )

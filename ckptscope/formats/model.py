@@ -6,7 +6,7 @@ Nothing here imports torch: listing a checkpoint must stay cheap.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -106,7 +106,7 @@ class TensorInfo(NamedTuple):
 
     Most tensors are a strided view of ``dtype`` elements in one byte range of one file. Two other
     shapes of data exist:
-    - ``encoding`` set (a GGUF quantisation such as ``Q4_K``, see ``stats/decoding.py``): the
+    - ``encoding`` set (a GGUF quantisation such as ``Q4_K``, see ``formats/gguf_decoding.py``): the
       storage's bytes are blocks that decode to ``dtype`` values, contiguous, ``numel`` of them;
       ``nbytes`` is then the physical size.
     - ``pieces`` set (a sharded torch.distributed.checkpoint tensor): the logical tensor is
@@ -126,6 +126,7 @@ class TensorInfo(NamedTuple):
     encoding: str | None = None  # how the stored bytes decode to ``dtype`` values (None: they are them)
     file_dtype: str | None = None  # the type as the file spells it, where that is not a torch dtype name
     pieces: tuple[Piece, ...] = ()
+    quant: Quantization | None = None  # a torch quantized tensor: ``dtype`` is its integer representation
 
     @property
     def numel(self) -> int:
@@ -151,8 +152,9 @@ class TensorInfo(NamedTuple):
 
     @property
     def plain(self) -> bool:
-        """A strided view of ``dtype`` elements in one byte range (no decoding, no stitching)."""
-        return self.encoding is None and not self.pieces
+        """A strided view of ``dtype`` elements in one byte range (no decoding, no stitching, no
+        dequantisation)."""
+        return self.encoding is None and not self.pieces and self.quant is None
 
     @property
     def data_offset(self) -> int:
@@ -172,6 +174,27 @@ class TensorInfo(NamedTuple):
 
     def renamed(self, name: str, alias_of: str | None = None) -> TensorInfo:
         return self._replace(name=name, alias_of=alias_of)
+
+
+class Quantization(NamedTuple):
+    """How a torch quantized tensor's integers map to values: x = (q - zero_point) * scale, per
+    tensor, or per channel along ``axis`` with the scales and zero points as tensors of the file."""
+
+    scheme: str  # torch's qscheme name: "per_tensor_affine", "per_channel_affine", ...
+    qdtype: str  # "qint8", "quint8", "qint32"
+    scale: float = 1.0  # per-tensor schemes
+    zero_point: int = 0
+    axis: int = 0  # per-channel schemes
+    scales: TensorInfo | None = None
+    zero_points: TensorInfo | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scheme": self.scheme, "qdtype": self.qdtype}
+        if self.scales is None:
+            out.update(scale=self.scale, zero_point=self.zero_point)
+        else:
+            out.update(axis=self.axis, channels=self.scales.numel)
+        return out
 
 
 class Piece(NamedTuple):
@@ -277,11 +300,44 @@ def _tensor_to_json(t: TensorInfo) -> list[Any]:
         t.encoding,
         t.file_dtype,
         [[list(p.offsets), _tensor_to_json(p.info)] for p in t.pieces],
+        quant_to_json(t.quant, _tensor_to_json),
     ]
 
 
+def quant_to_json(quant: Quantization | None, tensor: Callable[[TensorInfo], Any]) -> list[Any] | None:
+    """A quantization as a JSON list; ``tensor`` encodes its scale and zero-point tensors."""
+    if quant is None:
+        return None
+    return [
+        quant.scheme,
+        quant.qdtype,
+        quant.scale,
+        quant.zero_point,
+        quant.axis,
+        None if quant.scales is None else tensor(quant.scales),
+        None if quant.zero_points is None else tensor(quant.zero_points),
+    ]
+
+
+def quant_from_json(data: list[Any] | None, tensor: Callable[[Any], TensorInfo]) -> Quantization | None:
+    if data is None:
+        return None
+    scheme, qdtype, scale, zero_point, axis, scales, zero_points = data
+    return Quantization(
+        scheme,
+        qdtype,
+        scale,
+        zero_point,
+        axis,
+        None if scales is None else tensor(scales),
+        None if zero_points is None else tensor(zero_points),
+    )
+
+
 def _tensor_from_json(row: list[Any]) -> TensorInfo:
-    name, dtype, shape, stride, soff, path, off, nbytes, key, kind, alias, kind_source, encoding, file_dtype, pieces = row
+    name, dtype, shape, stride, soff, path, off, nbytes, key, kind, alias, kind_source, encoding, file_dtype, pieces = (
+        row[:15]
+    )
     return TensorInfo(
         name,
         dtype,
@@ -295,6 +351,7 @@ def _tensor_from_json(row: list[Any]) -> TensorInfo:
         encoding,
         file_dtype,
         tuple(Piece(tuple(offsets), _tensor_from_json(info)) for offsets, info in pieces),
+        quant_from_json(row[15], _tensor_from_json),
     )
 
 

@@ -17,6 +17,7 @@ does not follow from the file's size: hashing a dict key (a tuple that shares it
 
 from __future__ import annotations
 
+import _compat_pickle
 import copyreg
 import io
 import pickle
@@ -129,6 +130,41 @@ class Persistent:
         self.pid = pid
 
 
+class Census:
+    """What one file's pickles name, for the pickle report: every global with the times it is
+    referenced, and whether torch's weights-only unpickler could read the opcodes used."""
+
+    __slots__ = ("counts", "unsupported_opcode")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.unsupported_opcode: str | None = None  # the first opcode torch.load(weights_only=True) refuses
+
+    def count(self, key: tuple[str, str]) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+# The opcodes torch's weights-only unpickler reads (torch/_weights_only_unpickler.py): torch.save
+# writes protocol 2 with these; a pickle using any other (protocol 3's BINBYTES, 4's FRAME and
+# STACK_GLOBAL, ...) fails torch.load(weights_only=True) whatever its globals.
+WEIGHTS_ONLY_OPCODES = frozenset(
+    op[0]
+    for op in (
+        pickle.APPEND, pickle.APPENDS, pickle.BINFLOAT, pickle.BINGET, pickle.BININT, pickle.BININT1,
+        pickle.BININT2, pickle.BINPERSID, pickle.BINPUT, pickle.BINUNICODE, pickle.BUILD, pickle.EMPTY_DICT,
+        pickle.EMPTY_LIST, pickle.EMPTY_SET, pickle.EMPTY_TUPLE, pickle.GLOBAL, pickle.LONG1, pickle.LONG_BINGET,
+        pickle.LONG_BINPUT, pickle.MARK, pickle.NEWFALSE, pickle.NEWOBJ, pickle.NEWTRUE, pickle.NONE, pickle.PROTO,
+        pickle.REDUCE, pickle.SETITEM, pickle.SETITEMS, pickle.SHORT_BINSTRING, pickle.STOP, pickle.TUPLE,
+        pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
+    )
+)  # fmt: skip
+_OPCODE_NAMES = {
+    getattr(pickle, n)[0]: n
+    for n in dir(pickle)
+    if n.isupper() and isinstance(getattr(pickle, n), bytes) and len(getattr(pickle, n)) == 1
+}
+
+
 RECORDS = (Global, Call, Built, SetRecord, Persistent)
 _CHEAP_KEYS = (str, int, float, bool, bytes, type(None), *RECORDS)
 
@@ -147,17 +183,23 @@ class GraphUnpickler(pickle._Unpickler):
 
     if TYPE_CHECKING:  # what the pure-Python unpickler has (typeshed does not list it)
         readline: Callable[[], bytes]
+        proto: int
         stack: list[Any]
         append: Callable[[Any], None]
         pop_mark: Callable[[], list[Any]]
 
     def __init__(
-        self, stream: BinaryIO, budget: WorkBudget, allowed: Callable[[str, str], CheckpointError | None]
+        self,
+        stream: BinaryIO,
+        budget: WorkBudget,
+        allowed: Callable[[str, str], CheckpointError | None],
+        census: Census | None = None,
     ) -> None:
         super().__init__(stream)
         self.memo = _BoundedMemo()
         self._budget = budget
         self._allowed = allowed
+        self._census = census if census is not None else Census()
         self._key_costs: dict[int, tuple[Any, int]] = {}  # id -> (the tuple, kept alive; its cost)
 
     # --- names ---------------------------------------------------------------------------------
@@ -165,10 +207,31 @@ class GraphUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Global:
         if not isinstance(module, str) or not isinstance(name, str):
             raise CheckpointError("corrupt_pickle", "a global's name is not text")
+        if self.proto < 3:  # Python 2 names, mapped as pickle.load and torch.load map them
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         refusal = self._allowed(module, name)
         if refusal is not None:
             raise refusal
+        self._census.count((module, name))
         return Global(module, name)
+
+    def _counted_get(self, load: Callable[[Any], None]) -> None:
+        load(self)
+        top = self.stack[-1]
+        if type(top) is Global:  # a memoised global used again
+            self._census.count(top.key)
+
+    def load_get(self) -> None:
+        self._counted_get(pickle._Unpickler.load_get)  # type: ignore[attr-defined]
+
+    def load_binget(self) -> None:
+        self._counted_get(pickle._Unpickler.load_binget)  # type: ignore[attr-defined]
+
+    def load_long_binget(self) -> None:
+        self._counted_get(pickle._Unpickler.load_long_binget)  # type: ignore[attr-defined]
 
     def _line(self) -> str:
         line = self.readline()
@@ -289,19 +352,44 @@ class GraphUnpickler(pickle._Unpickler):
         (pickle.FROZENSET, load_frozenset),
         (pickle.GLOBAL, load_global),
         (pickle.INST, load_inst),
+        (pickle.GET, load_get),
+        (pickle.BINGET, load_binget),
+        (pickle.LONG_BINGET, load_long_binget),
     ):
         dispatch[_opcode[0]] = _method
     del _opcode, _method
 
+    def _note_opcode(self, code: int) -> None:
+        if self._census.unsupported_opcode is None:
+            self._census.unsupported_opcode = _OPCODE_NAMES.get(code, f"0x{code:02x}")
+
+
+def _noting(code: int, method: Callable[[Any], None]) -> Callable[[Any], None]:
+    def load(self: GraphUnpickler) -> None:
+        self._note_opcode(code)
+        method(self)
+
+    return load
+
+
+for _code, _load in list(GraphUnpickler.dispatch.items()):
+    if _code not in WEIGHTS_ONLY_OPCODES:
+        GraphUnpickler.dispatch[_code] = _noting(_code, _load)
+del _code, _load
+
 
 def unpickle_graph(
-    data: bytes | BinaryIO, budget: WorkBudget, allowed: Callable[[str, str], CheckpointError | None]
+    data: bytes | BinaryIO,
+    budget: WorkBudget,
+    allowed: Callable[[str, str], CheckpointError | None],
+    census: Census | None = None,
 ) -> Any:
     """The graph of one pickle, from bytes or from a stream's current position (left just past
-    the pickle's STOP). Any failure becomes a CheckpointError with a message of ours."""
+    the pickle's STOP). Any failure becomes a CheckpointError with a message of ours. ``census``,
+    when given, gathers what the pickle names (several pickles of one file may share one)."""
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        graph = GraphUnpickler(stream, budget, allowed).load()
+        graph = GraphUnpickler(stream, budget, allowed, census).load()
         if isinstance(data, bytes) and stream.tell() != len(data):
             raise CheckpointError("corrupt_pickle", "the pickle is followed by more bytes (a second pickle?)")
         return graph

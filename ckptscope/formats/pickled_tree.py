@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckptscope.errors import CheckpointError
 
-from .model import DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo, tensor_kind
-from .torch_pickle import PickledStorage, PickledTensor
+from .model import DTYPES, Checkpoint, Quantization, RootInfo, StorageRef, TensorInfo, tensor_kind
+from .pickle_objects import InertObject, PickledModule, render
+from .torch_pickle import META, PickledQuant, PickledStorage, PickledTensor
 
 # Keys that hold the model weights in common trainer checkpoints, most likely first.
 PREFERRED_ROOTS = (
@@ -41,22 +42,55 @@ MAX_NUMEL = 2**36  # elements in one tensor: far above any real tensor, far belo
 StorageLocator = Callable[[PickledStorage], StorageRef]
 
 
-def _walk(obj: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Yield (key path, leaf) for every leaf, in order; dicts, lists and tuples holding containers
-    or tensors are descended into. Iterative (a generator chain as deep as the nesting would make
-    each step cost the depth), and bounded: a container shared under many paths is visited under
-    each, so a tiny pickle can unfold to an exponentially large tree."""
-    stack: list[tuple[tuple[str, ...], Any]] = [((), obj)]
+class _Leaf(NamedTuple):
+    path: tuple[str, ...]
+    value: Any
+    kind: str | None  # "parameter" | "buffer" when the file says so (a module's state)
+    root_limit: int | None = None  # inside a pickled module: the deepest prefix that may be a root
+    in_dict: bool = False  # a value of a dict (a state dict's entry)
+
+
+def _holds_tensors(node: Any, memo: dict[int, bool]) -> bool:
+    """Whether a tensor or a pickled module lies anywhere inside ``node`` (each part looked at once)."""
+    if isinstance(node, PickledTensor | PickledModule):
+        return True
+    if not isinstance(node, dict | list | tuple | InertObject):
+        return False
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = False  # a container inside itself
+    if isinstance(node, dict):
+        parts: Any = node.values()
+    elif isinstance(node, InertObject):
+        parts = [*(v for _, v in node.iter_fields()), *(node.appended or ())]
+    else:
+        parts = node
+    found = any(_holds_tensors(v, memo) for v in parts)
+    memo[id(node)] = found
+    return found
+
+
+def _walk(obj: Any, module_types: dict[str, str]) -> Iterator[_Leaf]:
+    """Yield every leaf with its key path, in order. Dicts are descended into; lists, tuples and
+    inert objects when they hold tensors; a pickled module yields its parameters, persistent
+    buffers and submodules in ``state_dict`` order (its class goes to ``module_types``).
+    Iterative (a generator chain as deep as the nesting would make each step cost the depth), and
+    bounded: a container shared under many paths is visited under each, so a tiny pickle can
+    unfold to an exponentially large tree."""
+    stack: list[_Leaf] = [_Leaf((), obj, None, None)]
     visited = 0
     visits: dict[int, int] = {}  # container id -> times reached
+    memo: dict[int, bool] = {}
     while stack:
-        path, node = stack.pop()
+        leaf = stack.pop()
+        path, node, limit = leaf.path, leaf.value, leaf.root_limit
         visited += 1
         if visited > MAX_LEAVES:
             raise CheckpointError("limit_exceeded", f"checkpoint object has more than {MAX_LEAVES} entries")
         if len(path) > MAX_NESTING:
             raise CheckpointError("corrupt_pickle", "checkpoint object nests too deeply")
-        if isinstance(node, dict | list | tuple) and node:
+        if isinstance(node, dict | list | tuple | InertObject | PickledModule) and node:
             seen = visits[id(node)] = visits.get(id(node), 0) + 1
             if seen > MAX_SHARED_VISITS:
                 raise CheckpointError(
@@ -64,34 +98,33 @@ def _walk(obj: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
                     f"one container of the checkpoint is reached by more than {MAX_SHARED_VISITS} paths "
                     "(shared references that unfold exponentially)",
                 )
-        if isinstance(node, dict):
-            children = [((*path, str(key)), value) for key, value in node.items()]
-        elif isinstance(node, list | tuple) and any(isinstance(v, dict | list | tuple | PickledTensor) for v in node):
-            children = [((*path, str(index)), value) for index, value in enumerate(node)]
+        children: list[_Leaf]
+        if isinstance(node, PickledModule):
+            module_types[".".join(path)] = node.cls
+            inner = len(path) if limit is None else limit  # a module's insides are not roots
+            children = [_Leaf((*path, k), v, "parameter", inner) for k, v in node.parameters.items() if v is not None]
+            children += [
+                _Leaf((*path, k), v, "buffer", inner)
+                for k, v in node.buffers.items()
+                if v is not None and k not in node.non_persistent
+            ]
+            children += [_Leaf((*path, k), v, None, inner) for k, v in node.modules.items() if v is not None]
+        elif isinstance(node, dict):
+            children = [_Leaf((*path, str(key)), value, None, limit, True) for key, value in node.items()]
+        elif isinstance(node, InertObject) and _holds_tensors(node, memo):
+            children = [_Leaf((*path, key), value, None, limit) for key, value in node.iter_fields()]
+            children += [_Leaf((*path, str(i)), value, None, limit) for i, value in enumerate(node.appended or ())]
+        elif isinstance(node, list | tuple) and any(
+            isinstance(v, dict | list | tuple | PickledTensor | PickledModule) or _holds_tensors(v, memo) for v in node
+        ):
+            children = [_Leaf((*path, str(index)), value, None, limit) for index, value in enumerate(node)]
         else:
-            yield path, node
+            yield leaf
             continue
         stack.extend(reversed(children))
 
 
-def plain_value(value: Any) -> Any:
-    """A JSON-safe rendering of a non-tensor leaf (attacker text stays text)."""
-    if value is None or isinstance(value, bool | int | str):
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
-            # str() of a huge int is quadratic (and refused past 4300 digits)
-            return str(value) if value.bit_length() <= 256 else f"<int of {value.bit_length()} bits>"
-        return value[:1000] if isinstance(value, str) else value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, list | tuple | set | frozenset) and len(value) <= 64:
-        items = [plain_value(v) for v in value]
-        if all(not isinstance(v, dict | list) for v in items):
-            return items
-    if isinstance(value, list | tuple | set | frozenset):
-        return f"<{type(value).__name__} of {len(value)} items>"
-    return f"<{type(value).__name__}>"
+plain_value = render  # the rendering of a non-tensor value (shared with the sharded index reader)
 
 
 def _choose_default_root(obj: Any, roots: list[RootInfo]) -> str:
@@ -123,53 +156,167 @@ def check_view_in_storage(name: str, t: PickledTensor | TensorInfo, storage_byte
         raise CheckpointError("corrupt_pickle", f"tensor {name!r} views elements beyond the end of its storage")
 
 
+def _kinds(leaves: list[tuple[_Leaf, TensorInfo, bool]]) -> list[TensorInfo]:
+    """Each tensor's kind: the file's word where it has one (a pickled module's ``_parameters`` or
+    ``_buffers``; an ``nn.Parameter`` beside plain tensors in one dict, as ``state_dict(keep_vars=
+    True)`` saves them), else the guess from its name and dtype."""
+    with_parameters = {
+        leaf.path[:-1] for leaf, _, is_parameter in leaves if is_parameter and leaf.kind is None and leaf.in_dict
+    }
+    out = []
+    for leaf, info, is_parameter in leaves:
+        if leaf.kind is not None:
+            out.append(info._replace(kind=leaf.kind, kind_source="file"))
+        elif is_parameter:
+            out.append(info._replace(kind="parameter", kind_source="file"))
+        elif leaf.in_dict and info.quant is None and leaf.path[:-1] in with_parameters:
+            out.append(info._replace(kind="buffer", kind_source="file"))
+        else:
+            out.append(info)
+    return out
+
+
+def _optimizers(obj: Any) -> list[dict[Any, Any]]:
+    """The ``torch.optim.Optimizer.state_dict()``s near the top of a training checkpoint (under
+    ``optimizer``, Lightning's ``optimizer_states`` list, ...)."""
+    found: list[dict[Any, Any]] = []
+    level: list[Any] = [obj]
+    for _ in range(3):
+        below: list[Any] = []
+        for node in level:
+            values = node.values() if isinstance(node, dict) else node if isinstance(node, list | tuple) else ()
+            for value in values:
+                if (
+                    isinstance(value, dict)
+                    and isinstance(value.get("state"), dict)
+                    and isinstance(value.get("param_groups"), list)
+                ):
+                    found.append(value)
+                elif isinstance(value, dict | list | tuple) and len(found) < 4:
+                    below.append(value)
+        level = below[:64]
+    return found
+
+
+_STATE_OF_PARAMETER = ("exp_avg", "momentum_buffer", "square_avg", "sum", "exp_avg_sq", "ax")
+
+
+def _optimizer_shapes(optimizer: dict[Any, Any]) -> list[tuple[int, ...]] | None:
+    """The shape of every parameter the optimizer holds, in its order (model.parameters()
+    order), from its per-parameter state; None where a parameter has no state to tell."""
+    shapes: list[tuple[int, ...]] = []
+    for group in optimizer["param_groups"]:
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list):
+            return None
+        for pid in params:
+            state = optimizer["state"].get(pid)
+            tensor = None
+            if isinstance(state, dict):
+                tensor = next((state[k] for k in _STATE_OF_PARAMETER if isinstance(state.get(k), PickledTensor)), None)
+            if tensor is None:
+                return None
+            shapes.append(tensor.shape)
+    return shapes
+
+
+def _optimizer_evidence(obj: Any, tensors: list[TensorInfo], root: str) -> list[TensorInfo]:
+    """Parameters told by the optimizer saved beside the weights: it holds one state per trainable
+    parameter, in ``model.parameters()`` order (the state_dict order without the buffers), with the
+    parameter's shape. Matched in order, skipping known buffer names; used only when the one
+    optimizer's every parameter finds its tensor."""
+    optimizers = _optimizers(obj) if isinstance(obj, dict) else []
+    if len(optimizers) != 1:
+        return tensors
+    shapes = _optimizer_shapes(optimizers[0])
+    if not shapes:
+        return tensors
+    prefix = root + "." if root else ""
+    matched: set[str] = set()
+    j = 0
+    for t in tensors:
+        if j == len(shapes):
+            break
+        if not t.name.startswith(prefix) or t.alias_of or t.kind_source == "file" or t.kind == "buffer":
+            continue
+        if t.shape == shapes[j]:
+            matched.add(t.name)
+            j += 1
+    if j != len(shapes):
+        return tensors
+    return [t._replace(kind="parameter", kind_source="file") if t.name in matched else t for t in tensors]
+
+
+def _tensor_info(name: str, leaf: PickledTensor, locate: StorageLocator, files: list[str]) -> TensorInfo:
+    if leaf.dtype not in DTYPES:
+        raise CheckpointError("unsupported_dtype", f"tensor {name!r} has unsupported dtype {leaf.dtype}")
+    if math.prod(leaf.shape) > MAX_NUMEL:
+        raise CheckpointError(
+            "limit_exceeded", f"tensor {name!r} declares {math.prod(leaf.shape)} elements (limit 2**36)"
+        )
+    kind = tensor_kind(name, "float32" if leaf.quant is not None else leaf.dtype)
+    if leaf.storage is META:  # a meta-device tensor: listed, no data
+        storage = StorageRef(files[0], 0, 0, f"meta:{name}")
+        return TensorInfo(name, leaf.dtype, leaf.shape, leaf.stride, 0, storage, kind, encoding="meta")
+    ref = locate(leaf.storage)
+    storage_offset = (
+        leaf.storage_offset
+        + leaf.storage.view_offset
+        * (DTYPES[leaf.storage.dtype].itemsize if leaf.storage.dtype else 1)
+        // DTYPES[leaf.dtype].itemsize
+    )
+    info = TensorInfo(name, leaf.dtype, leaf.shape, leaf.stride, storage_offset, ref, kind)
+    check_view_in_storage(name, info, ref.nbytes)
+    if leaf.quant is not None:
+        info = info._replace(file_dtype=leaf.quant.qdtype, quant=_quantization(name, leaf.quant, locate, files))
+    return info
+
+
+def _quantization(name: str, q: PickledQuant, locate: StorageLocator, files: list[str]) -> Quantization:
+    if q.scales is None or q.zero_points is None:
+        if not math.isfinite(q.scale) or q.scale <= 0:
+            raise CheckpointError("corrupt_pickle", f"quantized tensor {name!r} has a scale that is not positive")
+        return Quantization(q.scheme, q.qdtype, q.scale, q.zero_point)
+    scales = _tensor_info(f"{name} (scales)", q.scales, locate, files)
+    zero_points = _tensor_info(f"{name} (zero points)", q.zero_points, locate, files)
+    if DTYPES[scales.dtype].category != "float" or DTYPES[zero_points.dtype].category == "complex":
+        raise CheckpointError("corrupt_pickle", f"quantized tensor {name!r} has scales that are not floats")
+    return Quantization(q.scheme, q.qdtype, axis=q.axis, scales=scales, zero_points=zero_points)
+
+
 def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str]) -> Checkpoint:
-    tensors: list[TensorInfo] = []
+    leaves: list[tuple[_Leaf, TensorInfo, bool]] = []
     metadata: dict[str, Any] = {}
     bearing: dict[str, int] = {}
+    module_types: dict[str, str] = {}
     if isinstance(obj, PickledTensor):
         obj = {"tensor": obj}
-    for path, leaf in _walk(obj):
+    for leaf in _walk(obj, module_types):
+        path, value = leaf.path, leaf.value
         name = ".".join(path)
-        if isinstance(leaf, PickledTensor):
-            if leaf.dtype not in DTYPES:
-                raise CheckpointError("unsupported_dtype", f"tensor {name!r} has unsupported dtype {leaf.dtype}")
-            if math.prod(leaf.shape) > MAX_NUMEL:
-                raise CheckpointError(
-                    "limit_exceeded", f"tensor {name!r} declares {math.prod(leaf.shape)} elements (limit 2**36)"
-                )
-            ref = locate(leaf.storage)
-            storage_offset = (
-                leaf.storage_offset
-                + leaf.storage.view_offset
-                * (DTYPES[leaf.storage.dtype].itemsize if leaf.storage.dtype else 1)
-                // DTYPES[leaf.dtype].itemsize
-            )
-            info = TensorInfo(
-                name=name,
-                dtype=leaf.dtype,
-                shape=leaf.shape,
-                stride=leaf.stride,
-                storage_offset=storage_offset,
-                storage=ref,
-                kind=tensor_kind(name, leaf.dtype),
-            )
-            check_view_in_storage(name, info, ref.nbytes)
-            tensors.append(info)
-            for depth in range(0, min(len(path) - 1, MAX_ROOT_DEPTH) + 1):
+        if isinstance(value, PickledTensor):
+            leaves.append((leaf, _tensor_info(name, value, locate, files), value.is_parameter))
+            deepest = min(len(path) - 1, MAX_ROOT_DEPTH)
+            if leaf.root_limit is not None:
+                deepest = min(deepest, leaf.root_limit)
+            for depth in range(0, deepest + 1):
                 prefix = ".".join(path[:depth])
                 bearing[prefix] = bearing.get(prefix, 0) + 1
         elif len(metadata) < MAX_METADATA_ITEMS:
-            metadata[name or "value"] = plain_value(leaf)
-    if not tensors:
-        raise CheckpointError("no_tensors", "the checkpoint holds no tensors")
+            metadata[name or "value"] = plain_value(value)
+    if not leaves:  # the values read are still worth showing where this file is one part of many
+        error = CheckpointError("no_tensors", "the checkpoint holds no tensors")
+        error.extra["metadata"] = metadata
+        raise error
     roots = [RootInfo(path, count) for path, count in bearing.items()]
     roots.sort(key=lambda r: (r.path.count("."), r.path != "", r.path))
+    default_root = _choose_default_root(obj, roots)
     return Checkpoint(
         format=fmt,
-        tensors=mark_aliases(tensors),
+        tensors=_optimizer_evidence(obj, mark_aliases(_kinds(leaves)), default_root),
         roots=roots,
-        default_root=_choose_default_root(obj, roots),
+        default_root=default_root,
         metadata=metadata,
         files=files,
+        module_types=module_types,
     )

@@ -104,10 +104,11 @@ def _worker() -> int:
     _arm_audit_hook(violations)
     try:
         resolve = None if shards is None else shards.get
-        ckpt = open_checkpoint(request["path"], resolve_shard=resolve, name=request.get("name"))
+        folder = shards if request.get("folder") else None  # an uploaded folder: its files by name
+        ckpt = open_checkpoint(request["path"], resolve_shard=resolve, name=request.get("name"), folder=folder)
         answer: dict[str, Any] = {"ok": True, "checkpoint": checkpoint_to_json(ckpt)}
     except CheckpointError as exc:
-        answer = {"ok": False, "code": exc.code, "message": exc.message}
+        answer = {"ok": False, "code": exc.code, "message": exc.message, "extra": exc.extra}
     except MemoryError:
         answer = {"ok": False, "code": "limit_exceeded", "message": "reading the file needs more memory than allowed"}
     except RecursionError:
@@ -136,11 +137,18 @@ def _set_limits(limits: Limits) -> None:
 
 
 def open_checkpoint_sandboxed(
-    path: str | Path, *, limits: Limits, shards: dict[str, Path] | None = None, name: str | None = None
+    path: str | Path,
+    *,
+    limits: Limits,
+    shards: dict[str, Path] | None = None,
+    name: str | None = None,
+    folder: bool = False,
 ) -> Checkpoint:
-    # shards: the files a sharded index may name (None: look beside the index, for local files only)
+    # shards: the files a sharded index may name (None: look beside the index, for local files only);
+    # folder: shards are an uploaded folder's files, read as a folder (formats/folder.py); a local
+    # directory is simply its path
     shard_map = None if shards is None else {k: str(v) for k, v in shards.items()}
-    request = json.dumps({"path": str(path), "name": name, "shards": shard_map})
+    request = json.dumps({"path": str(path), "name": name, "shards": shard_map, "folder": folder})
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(PROJECT_ROOT),
@@ -174,7 +182,11 @@ def open_checkpoint_sandboxed(
         log.warning("the parser failed on %s: %s", path, tail[0][:500])  # the details stay in the log
         raise CheckpointError("parser_crashed", "the parser failed on this file") from None
     if not answer.get("ok"):
-        raise CheckpointError(str(answer.get("code")), str(answer.get("message")))
+        error = CheckpointError(str(answer.get("code")), str(answer.get("message")))
+        extra = answer.get("extra")
+        if isinstance(extra, dict):
+            error.extra.update(extra)
+        raise error
     return checkpoint_from_json(answer["checkpoint"])
 
 

@@ -11,7 +11,7 @@ from ckptscope.errors import CheckpointError
 from .model import DTYPES, Checkpoint, StorageRef
 from .pickle_graph import WorkBudget
 from .pickled_tree import build_checkpoint
-from .torch_pickle import PickledStorage, unpickle_restricted
+from .torch_pickle import PickledStorage, PickleReader
 from .torch_zip import MAX_PICKLE_BYTES
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -26,21 +26,21 @@ def read_torch_legacy(path: str | Path) -> Checkpoint:
         # so no length claimed inside a pickle can make a read larger than that
         head = raw.read(min(file_size, MAX_PICKLE_BYTES))
         fh = io.BytesIO(head)
-        budget = WorkBudget.for_bytes(len(head))  # one budget for the file's five pickles
-        magic, _ = unpickle_restricted(fh, budget)
+        reader = PickleReader(WorkBudget.for_bytes(len(head)))  # one budget for the file's five pickles
+        magic, _ = reader.load(fh)
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
                 "plain_pickle",
                 "this is a plain Python pickle, not a PyTorch checkpoint; pickles can run code and are not read",
             )
-        version, _ = unpickle_restricted(fh, budget)
+        version, _ = reader.load(fh)
         if version != PROTOCOL_VERSION:
             raise CheckpointError("corrupt_pickle", f"unknown legacy PyTorch protocol version {version!r}")
-        sys_info, _ = unpickle_restricted(fh, budget)
+        sys_info, _ = reader.load(fh)
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise CheckpointError("unsupported_byteorder", "big-endian legacy checkpoints are not supported")
-        obj, storages = unpickle_restricted(fh, budget)
-        keys, _ = unpickle_restricted(fh, budget)
+        obj, storages = reader.load(fh)
+        keys, _ = reader.load(fh)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise CheckpointError("corrupt_pickle", "legacy checkpoint has a malformed storage key list")
         located: dict[str, StorageRef] = {}
@@ -72,4 +72,6 @@ def read_torch_legacy(path: str | Path) -> Checkpoint:
             raise CheckpointError("corrupt_pickle", f"storage {key!r} has no data in the file")
         return located[key]
 
-    return build_checkpoint(obj, "torch-legacy", locate, [str(path)])
+    checkpoint = build_checkpoint(obj, "torch-legacy", locate, [str(path)])
+    checkpoint.pickle = reader.report()
+    return checkpoint

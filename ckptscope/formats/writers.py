@@ -33,10 +33,22 @@ class OutputTensor:
     name: str
     source: TensorInfo
     dtype: str | None = None
+    # The output storage this tensor shares with the others of the same ``tie`` (a copy keeps the
+    # target's ties, whatever the sources'); None: tensors with the same source view share one.
+    tie: str | None = None
 
     @property
     def out_dtype(self) -> str:
-        return self.dtype or self.source.dtype
+        if self.dtype:
+            return self.dtype
+        return "float32" if self.source.quant is not None else self.source.dtype  # quantized: dequantized
+
+    @property
+    def storage_identity(self) -> tuple[object, ...]:
+        """Tensors of one output file with the same identity are written as one storage."""
+        if self.tie is not None:
+            return ("tie", self.tie)
+        return (*self.source.view_key, self.out_dtype)
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +58,7 @@ class OutputTensor:
     def is_byte_copy(self) -> bool:
         """True when the output bytes are exactly one byte range of the source file."""
         s = self.source
-        return self.out_dtype == s.dtype and (s.numel <= 1 or s.stride == contiguous_stride(s.shape))
+        return s.plain and self.out_dtype == s.dtype and (s.numel <= 1 or s.stride == contiguous_stride(s.shape))
 
 
 def iter_tensor_bytes(tensor: OutputTensor) -> Iterator[bytes]:
@@ -65,7 +77,121 @@ def iter_tensor_bytes(tensor: OutputTensor) -> Iterator[bytes]:
                 left -= len(chunk)
                 yield chunk
         return
+    if src.encoding is not None:
+        yield from _iter_decoded(tensor)
+        return
+    if src.pieces:
+        yield from _iter_pieced(tensor)
+        return
+    if src.quant is not None:
+        yield from _iter_dequantized(tensor)
+        return
     yield from _iter_via_torch(tensor)
+
+
+def _iter_dequantized(tensor: OutputTensor) -> Iterator[bytes]:
+    """A torch quantized source as its values, (q - zero_point) * scale computed in float64 and
+    cast to ``out_dtype``, in row blocks."""
+    import ctypes
+    import mmap
+    import warnings
+
+    import torch
+
+    from .tensor_views import logical_view, row_blocks
+
+    src = tensor.source
+    quant = src.quant
+    assert quant is not None
+    out_dtype = getattr(torch, tensor.out_dtype)
+    with open(src.storage.path, "rb") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # frombuffer on a read-only mmap
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            view = logical_view(mm, src).reshape(src.shape or (1,))
+            scales = zero_points = None
+            if quant.scales is not None and quant.zero_points is not None:
+                shape = [1] * view.dim()
+                shape[quant.axis] = -1
+                scales = logical_view(mm, quant.scales).to(torch.float64).reshape(shape)
+                zero_points = logical_view(mm, quant.zero_points).to(torch.float64).reshape(shape)
+            row = 0
+            for block in row_blocks(view, COPY_CHUNK // 8):
+                values = block.to(torch.float64)
+                if scales is None or zero_points is None:
+                    values = (values - quant.zero_point) * quant.scale
+                elif quant.axis == 0:
+                    rows = slice(row, row + block.shape[0])
+                    values = (values - zero_points[rows]) * scales[rows]
+                else:
+                    values = (values - zero_points) * scales
+                row += block.shape[0]
+                part = values.to(out_dtype).contiguous()
+                yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
+                del part, values, block
+            del view, scales, zero_points
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced somewhere; the GC unmaps it
+                pass
+
+
+def _iter_decoded(tensor: OutputTensor) -> Iterator[bytes]:
+    """An encoded source (a GGUF quantisation) decoded a range of blocks at a time (about 1 MiB of
+    float32 values), each cast to ``out_dtype``."""
+    import ctypes
+    import mmap
+
+    import torch
+
+    from .gguf_decoding import decoded_chunks  # numpy and gguf's decoders, loaded on use
+
+    src = tensor.source
+    out_dtype = getattr(torch, tensor.out_dtype)
+    with open(src.storage.path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            for values in decoded_chunks(mm, src, COPY_CHUNK // 4):
+                part = torch.from_numpy(values).to(out_dtype)
+                yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
+                del part, values
+        finally:
+            mm.close()
+
+
+def _iter_pieced(tensor: OutputTensor) -> Iterator[bytes]:
+    """A stitched source (a torch.distributed.checkpoint tensor of several chunks): the whole
+    tensor is assembled in memory, each piece's logical view copied into its slice, one piece
+    (one file mapping) at a time; then written out in 1 MiB parts."""
+    import ctypes
+    import mmap
+    import warnings
+
+    import torch
+
+    from .tensor_views import logical_view
+
+    src = tensor.source
+    full = torch.empty(src.shape, dtype=getattr(torch, tensor.out_dtype))
+    for piece in src.pieces:
+        part = piece.info
+        if part.numel == 0:
+            continue
+        with open(part.storage.path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                view = logical_view(mm, part).reshape(part.shape)
+                full[tuple(slice(o, o + n) for o, n in zip(piece.offsets, part.shape, strict=True))].copy_(view)
+                del view
+            finally:
+                mm.close()
+    flat = full.reshape(-1)
+    step = max(1, COPY_CHUNK // flat.element_size())
+    for start in range(0, flat.numel(), step):
+        block = flat[start : start + step]
+        yield ctypes.string_at(block.data_ptr(), block.numel() * block.element_size())
 
 
 def _iter_via_torch(tensor: OutputTensor) -> Iterator[bytes]:
@@ -223,17 +349,21 @@ def _p_tensor(key: str, t: OutputTensor) -> bytes:
 
 
 def _storage_keys(tensors: Sequence[OutputTensor]) -> list[tuple[OutputTensor, str, bool]]:
-    """(tensor, storage key, owns the storage): tensors viewing the same source data share one."""
-    seen: dict[tuple[object, ...], str] = {}
+    """(tensor, storage key, owns the storage): tensors of one ``storage_identity`` share one."""
+    seen: dict[tuple[object, ...], tuple[str, OutputTensor]] = {}
     out = []
     for t in tensors:
-        ident = (*t.source.view_key, t.out_dtype)
-        key = seen.get(ident)
-        if key is None:
-            key = seen[ident] = str(len(seen))
+        ident = t.storage_identity
+        known = seen.get(ident)
+        if known is None:
+            key = str(len(seen))
+            seen[ident] = (key, t)
             out.append((t, key, True))
-        else:
-            out.append((t, key, False))
+            continue
+        key, owner = known
+        if (*owner.source.view_key, owner.out_dtype) != (*t.source.view_key, t.out_dtype):
+            raise ValueError(f"tied outputs {owner.name!r} and {t.name!r} come from different data")
+        out.append((t, key, False))
     return out
 
 

@@ -60,7 +60,7 @@ def install(app: FastAPI) -> None:
     async def _ours(request: Request, exc: CkptscopeError) -> Response:
         if isinstance(exc, CheckpointError | TooLarge):
             request.app.state.core.metrics.inc("ckptscope_uploads_rejected_total", reason=exc.code)
-        return problem(request, exc.status, exc.detail, exc.code)
+        return problem(request, exc.status, exc.detail, exc.code, **exc.extra)
 
     @app.exception_handler(MultipartParseError)
     async def _multipart(request: Request, exc: MultipartParseError) -> Response:

@@ -17,6 +17,7 @@ from .operations import (
     FreezePlan,
     copy_metadata,
     copy_report,
+    dequantized,
     diff_tensors,
     export_metadata,
     export_with_plan,
@@ -39,7 +40,7 @@ def _tensors(core: Core, checkpoint_id: str, root: str | None) -> tuple[Checkpoi
 
 
 def _stem(name: str) -> str:
-    for ext in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+    for ext in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf"):
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
@@ -73,19 +74,26 @@ def export(
     rename: Mapping[str, str] | None = None,
     fmt: str = "safetensors",
     freeze: Sequence[str] = (),
+    dtype: str | None = None,
 ) -> tuple[Checkpoint, FreezePlan | None]:
+    """``dtype``: store floating-point tensors in it (encoded GGUF tensors are dequantized to it, to
+    float32 without one); the provenance's ``dequantized`` says what was decoded."""
     if fmt not in EXTENSIONS:
         raise UnsupportedOutput(f"unknown format {fmt!r}; choose safetensors or pt")
     row, content, root, tensors = _tensors(core, checkpoint_id, root)
-    outputs, plan = export_with_plan(tensors, include, exclude, rename, freeze)
+    outputs, plan = export_with_plan(tensors, include, exclude, rename, freeze, dtype)
     selection = {"root": root, "include": list(include), "exclude": list(exclude), "rename": dict(rename or {})}
-    metadata = export_metadata(row.name, content.key, selection, plan, content.meta, fmt)
+    if dtype is not None:
+        selection["dtype"] = dtype
+    decoded = dequantized(outputs)
+    metadata = export_metadata(row.name, content.key, selection, plan, content.meta, fmt, decoded)
     provenance = {
         "operation": "export",
         "source": {"id": row.id, "name": row.name, "sha256": content.key},
         "selection": selection,
         "format": fmt,
         "freeze": list(freeze),
+        "dequantized": decoded,
     }
     new = _write_and_register(
         core, outputs, fmt, metadata, f"{_stem(row.name)}.export{EXTENSIONS[fmt]}", "export", provenance

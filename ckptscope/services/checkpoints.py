@@ -12,7 +12,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ckptscope.errors import Invalid, NotFound
-from ckptscope.formats import TensorInfo, sniff
+from ckptscope.formats import TensorInfo
 from ckptscope.formats.model import module_types_under
 from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 from ckptscope.stats import TensorStats, TreeNode, build_tree
@@ -21,6 +21,8 @@ from ckptscope.store.catalogue import Checkpoint, Content, FileRef, StatsState
 from ckptscope.store.queries import StoredFile, TensorPage
 from ckptscope.store.queries import check_root as check_root  # for the routes
 from ckptscope.text import make_storable
+
+from .uploaded_folders import arrange_upload
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -44,15 +46,6 @@ def _content_key(uploads: Sequence[Upload]) -> str:
         return uploads[0].blob.sha256
     parts = sorted((display_name(u.name), u.blob.sha256) for u in uploads)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def _pick_primary(uploads: Sequence[Upload]) -> Upload:
-    if len(uploads) == 1:
-        return uploads[0]
-    indexes = [u for u in uploads if sniff(u.blob.path) == "json"]
-    if len(indexes) != 1:
-        raise Invalid("several files were uploaded: a sharded set needs exactly one *.index.json beside its shards")
-    return indexes[0]
 
 
 def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:
@@ -81,27 +74,36 @@ def ingest(
     try:
         if not uploads:
             raise Invalid("no file was uploaded (send the checkpoint in the multipart field 'file')")
-        primary = _pick_primary(uploads)
-        by_name = {display_name(u.name): u.blob.path for u in uploads}
-        if len(by_name) != len(uploads):
+        chosen = arrange_upload(uploads)  # several files: a folder's rules say which, and the primary
+        primary, files = chosen.primary, chosen.files
+        by_name = {display_name(u.name): u.blob.path for u in files}
+        if len(by_name) != len(files):
             raise Invalid("two uploaded files have the same name")
         # shard names resolve only among the files of this upload, never next to the blob (that
         # directory holds other uploads' blobs)
         with core.parse_slots:
             listing = open_checkpoint_sandboxed(
-                primary.blob.path, shards=by_name, name=display_name(primary.name), limits=core.parse_limits
+                primary.blob.path,
+                shards=by_name,
+                name=display_name(primary.name),
+                limits=core.parse_limits,
+                folder=chosen.folder,
             )
+        listing.warnings += chosen.notes
         make_storable(listing)  # text any database can hold (bad_name); the CLI applies the same rule
         used = {str(p) for p in listing.files}
-        unused = [display_name(u.name) for u in uploads if str(u.blob.path) not in used]
+        # a folder's config.json, tokenizer files, README: ignored (the listing says so), not stored
+        files = [u for u in files if str(u.blob.path) in used or u.name not in chosen.ignorable]
+        unused = [display_name(u.name) for u in files if str(u.blob.path) not in used]
         if unused:
-            raise Invalid(f"uploaded files not named by the index: {', '.join(sorted(unused))[:300]}", "unlisted_file")
+            listed = ", ".join(sorted(unused))[:300]
+            raise Invalid(f"uploaded files not part of the checkpoint (no index names them): {listed}", "unlisted_file")
         row, content = core.queries.register(
-            _content_key(uploads),
+            _content_key(files),
             listing,
-            [StoredFile(display_name(u.name), u.blob.sha256, u.blob.size) for u in uploads],
-            {str(u.blob.path): u.blob.sha256 for u in uploads},
-            name=display_name(name or primary.name),
+            [StoredFile(display_name(u.name), u.blob.sha256, u.blob.size) for u in files],
+            {str(u.blob.path): u.blob.sha256 for u in files},
+            name=display_name(name or chosen.name or primary.name),
             origin=origin,
             provenance=provenance,
         )

@@ -20,6 +20,7 @@ def tensor_record(t: TensorInfo, stats: TensorStats | None = None) -> dict[str, 
         "nbytes": t.nbytes,
         "kind": t.kind,
         "kind_source": t.kind_source,
+        "quantization": t.quant.describe() if t.quant is not None else None,
         "alias_of": t.alias_of,
         "contiguous": t.stride == contiguous_stride(t.shape),
         "data_offset": t.data_offset,
@@ -72,4 +73,6 @@ def inspect_listing(
         from ckptscope.stats.torch_engine import resolve_device
 
         stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
-    return Inspection(ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root)))
+    return Inspection(
+        ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root))
+    )

@@ -90,6 +90,7 @@ def output_format_for(fmt: str) -> str:
 
 
 def write_checkpoint(path: Path, outputs: Sequence[OutputTensor], fmt: str, metadata: dict[str, str]) -> None:
+    _check_decodable(outputs)
     if fmt == "safetensors":
         write_safetensors(path, dedupe_for_safetensors(outputs, metadata), metadata)
     elif fmt == "pt":
@@ -105,7 +106,7 @@ def dedupe_for_safetensors(outputs: Sequence[OutputTensor], metadata: dict[str, 
     out: list[OutputTensor] = []
     dropped: dict[str, str] = {}
     for t in outputs:
-        ident = (*t.source.view_key, t.out_dtype)
+        ident = t.storage_identity
         if ident in kept:
             dropped[t.name] = kept[ident]
             continue
@@ -119,12 +120,65 @@ def dedupe_for_safetensors(outputs: Sequence[OutputTensor], metadata: dict[str, 
 # --- export ---------------------------------------------------------------------------------
 
 
+# dtypes an export may store floating-point tensors in; encoded tensors (GGUF quantisations) are
+# dequantized to it, to float32 when none is given
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_decodable(outputs: Sequence[OutputTensor]) -> None:
+    from ckptscope.formats.gguf_decoding import can_decode
+
+    for o in outputs:
+        if o.source.encoding == "meta":
+            raise UnsupportedOutput(
+                f"tensor {o.source.name!r} is a meta-device tensor: the file holds no values to write; "
+                "exclude it from the selection"
+            )
+        if o.source.encoding is not None and not can_decode(o.source.encoding):
+            raise UnsupportedOutput(
+                f"tensor {o.source.name!r} is stored as {o.source.encoding}, which ckptscope cannot decode; "
+                "exclude it from the selection"
+            )
+
+
+def _export_dtype(t: TensorInfo, dtype: str | None) -> str | None:
+    """The dtype an export stores ``t`` in (None: its own; encoded tensors decode to their dtype)."""
+    if t.quant is not None:  # quantized: dequantized, to float32 unless a dtype is given
+        return dtype
+    if dtype is None or dtype == t.dtype or DTYPES[t.dtype].category != "float":
+        return None
+    return dtype
+
+
+def dequantized(outputs: Sequence[OutputTensor]) -> dict[str, Any] | None:
+    """What an export or copy decodes: the float dtype, how many tensors, of which encodings."""
+    encoded = [o for o in outputs if o.source.encoding is not None or o.source.quant is not None]
+    if not encoded:
+        return None
+    encodings: dict[str, int] = {}
+    for o in encoded:
+        name = str(o.source.encoding or o.source.file_dtype)
+        encodings[name] = encodings.get(name, 0) + 1
+    dtypes = sorted({o.out_dtype for o in encoded})
+    return {"dtype": ", ".join(dtypes), "tensors": len(encoded), "encodings": encodings}
+
+
+def dequantized_text(summary: Mapping[str, Any]) -> str:
+    kinds = ", ".join(f"{n} {enc}" for enc, n in sorted(summary["encodings"].items()))
+    return f"dequantized {summary['tensors']} quantized tensors ({kinds}) to {summary['dtype']}"
+
+
 def plan_export(
     tensors: Sequence[TensorInfo],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     rename_map: Mapping[str, str] | None = None,
+    dtype: str | None = None,
 ) -> list[OutputTensor]:
+    """The tensors an export writes. ``dtype`` (one of EXPORT_DTYPES): store floating-point tensors
+    in it; encoded ones (GGUF quantisations) are dequantized to it, or to float32 without one."""
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise Invalid(f"export dtype {dtype[:40]!r} is not one of {', '.join(EXPORT_DTYPES)}")
     inc = PrefixSet([normalize_prefix(p) for p in include] or [""])
     exc = PrefixSet([normalize_prefix(p) for p in exclude])
     mapping = normalize_mapping(rename_map or {})
@@ -141,7 +195,7 @@ def plan_export(
         if new in names:
             raise Invalid(f"renaming makes {names[new]!r} and {t.name!r} both {new!r}")
         names[new] = t.name
-        outputs.append(OutputTensor(new, t))
+        outputs.append(OutputTensor(new, t, _export_dtype(t, dtype)))
     if not outputs:
         raise Invalid("the selection matches no tensor")
     return outputs
@@ -168,9 +222,10 @@ def export_metadata(
     plan: FreezePlan | None,
     source_meta: Mapping[str, Any],
     fmt: str,
+    decoded: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """What an exported file records about where it came from (safetensors ``__metadata__``, or
-    ``ckptscope.json`` in a torch zip)."""
+    ``ckptscope.json`` in a torch zip), and what it dequantized (``decoded``, see ``dequantized``)."""
     metadata = source_metadata(source_meta, fmt) | {
         "ckptscope.source_sha256": source_sha256,
         "ckptscope.source_name": source_name,
@@ -178,6 +233,8 @@ def export_metadata(
     }
     if plan is not None:
         metadata["ckptscope.freeze_plan"] = json.dumps(plan.to_json(with_snippet=False), sort_keys=True)
+    if decoded:
+        metadata["ckptscope.dequantized"] = json.dumps(decoded, sort_keys=True)
     return metadata
 
 
@@ -193,8 +250,9 @@ def export_with_plan(
     exclude: Sequence[str],
     rename_map: Mapping[str, str] | None,
     freeze: Sequence[str],
+    dtype: str | None = None,
 ) -> tuple[list[OutputTensor], FreezePlan | None]:
-    outputs = plan_export(tensors, include, exclude, rename_map)
+    outputs = plan_export(tensors, include, exclude, rename_map, dtype)
     plan = freeze_plan([o.source.renamed(o.name, None) for o in outputs], freeze) if freeze else None
     return outputs, plan
 
@@ -213,6 +271,9 @@ class FreezePlan:
     frozen_params: int
     trainable_params: int
     trainable_fraction: float
+    # parameter/buffer labels the file does not give (guessed from names and dtypes): a plan
+    # built on a guess says so, so that the user can check those names against the model
+    guessed_kinds: list[str] = field(default_factory=list)
 
     def to_json(self, with_snippet: bool = True) -> dict[str, Any]:
         out = asdict(self)
@@ -260,9 +321,12 @@ def freeze_plan(tensors: Sequence[TensorInfo], freeze: Sequence[str]) -> FreezeP
     tied: dict[str, str] = {}
     frozen_n = trainable_n = 0
     matched = set()
+    guessed: list[str] = []
     for t in tensors:
         hits = prefix_set.hits(t.name)
         matched.update(hits)
+        if t.kind_source != "file":
+            guessed.append(t.name)
         if t.kind == "buffer":
             buffers.append(t.name)
             continue
@@ -286,6 +350,7 @@ def freeze_plan(tensors: Sequence[TensorInfo], freeze: Sequence[str]) -> FreezeP
         frozen_params=frozen_n,
         trainable_params=trainable_n,
         trainable_fraction=trainable_n / total if total else 0.0,
+        guessed_kinds=guessed,
     )
 
 
@@ -301,6 +366,12 @@ class CopyReport:
     unexpected: list[dict[str, str]] = field(default_factory=list)
     shape_mismatches: list[dict[str, Any]] = field(default_factory=list)
     dtype_changes: list[dict[str, str]] = field(default_factory=list)
+    # target names outside the selection whose values change because they share a storage (one
+    # Parameter) with a copied name: {"name", "via" (the copied target name), "source"}
+    aliases_updated: list[dict[str, str]] = field(default_factory=list)
+    # tied target storages that two selected source tensors fill with different values: the later
+    # target name (in the target's state_dict order) wins, as in load_state_dict
+    tied_conflicts: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[OutputTensor] = field(default_factory=list)
 
     @property
@@ -318,12 +389,16 @@ class CopyReport:
             "unexpected": self.unexpected,
             "shape_mismatches": self.shape_mismatches,
             "dtype_changes": self.dtype_changes,
+            "aliases_updated": self.aliases_updated,
+            "tied_conflicts": self.tied_conflicts,
             "counts": {
                 "copied": len(self.copied),
                 "missing": len(self.missing),
                 "unexpected": len(self.unexpected),
                 "shape_mismatches": len(self.shape_mismatches),
                 "dtype_changes": len(self.dtype_changes),
+                "aliases_updated": len(self.aliases_updated),
+                "tied_conflicts": len(self.tied_conflicts),
             },
         }
 
@@ -333,7 +408,13 @@ def copy_report(
 ) -> CopyReport:
     """What ``target_module.load_state_dict(source_module.state_dict(), strict=...)`` would do, and
     the tensors of the result: the target's, with copied values (cast to the target's dtype, as
-    ``load_state_dict`` casts into the existing parameter)."""
+    ``load_state_dict`` casts into the existing parameter).
+
+    Target names that view one storage (tied weights: ``lm_head.weight`` and the embedding) are
+    one Parameter: copying into any of them updates all of them, and they stay one storage in the
+    written file. When two selected source tensors fill one such storage with different values,
+    the later target name in the target's order wins (as ``load_state_dict`` copies into each
+    name in ``state_dict`` order); a strict copy refuses that (``tied_conflict``)."""
     if not mapping:
         raise Invalid("mapping is empty: give at least one 'source prefix': 'target prefix'")
     mapping = normalize_mapping(mapping)
@@ -378,14 +459,113 @@ def copy_report(
     targets = PrefixSet(set(mapping.values()))
     touched = set(chosen) | {m["target"] for m in report.shape_mismatches}
     report.missing = [t.name for t in target if targets.matches(t.name) and t.name not in touched]
+    groups = tie_groups(target)
+    if chosen:
+        _check_overlapping_views(target, groups, chosen)
+    written = _resolve_ties(report, groups, chosen)
     for t in target:
-        value = chosen.get(t.name)
-        report.outputs.append(
-            OutputTensor(t.name, value, t.dtype if value.dtype != t.dtype else None)
-            if value
-            else OutputTensor(t.name, t)
-        )
+        group = groups[t.name]
+        winner = written.get(group)
+        if winner is None:
+            report.outputs.append(OutputTensor(t.name, t, tie=group))
+        else:
+            value = chosen[winner]
+            report.outputs.append(OutputTensor(t.name, value, t.dtype if value.dtype != t.dtype else None, group))
     return report
+
+
+def tie_groups(tensors: Sequence[TensorInfo]) -> dict[str, str]:
+    """name -> the first name (in order) viewing exactly the same data: the names of one tied
+    Parameter map to one group. Only plain tensors tie (decoded and stitched ones stand alone)."""
+    first: dict[tuple[object, ...], str] = {}
+    return {t.name: first.setdefault(t.view_key, t.name) if t.plain else t.name for t in tensors}
+
+
+def _resolve_ties(report: CopyReport, groups: Mapping[str, str], chosen: Mapping[str, TensorInfo]) -> dict[str, str]:
+    """group -> the copied target name whose source values the whole tied group gets; fills the
+    report's ``aliases_updated`` and ``tied_conflicts`` (raising on a conflict when strict)."""
+    members: dict[str, list[str]] = {}
+    for name, group in groups.items():  # target order
+        members.setdefault(group, []).append(name)
+    written: dict[str, str] = {}
+    for group, names in members.items():
+        copied = [n for n in names if n in chosen]
+        if not copied:
+            continue
+        winner = written[group] = copied[-1]  # load_state_dict copies into each name in turn
+        value = chosen[winner]
+        if len(names) == 1:
+            continue
+        losers = [n for n in copied[:-1] if not _same_values(chosen[n], value)]
+        if losers:
+            conflict = {
+                "storage": names,
+                "sources": [{"source": chosen[n].name, "target": n} for n in copied],
+                "winner": {"source": value.name, "target": winner},
+            }
+            if report.strict:
+                first = losers[0]
+                raise Invalid(
+                    f"strict copy refused: {chosen[first].name!r} -> {first!r} and {value.name!r} -> {winner!r} "
+                    f"write different values into one tied storage; copy only one of them, or copy "
+                    f"non-strict to let {winner!r} win as load_state_dict does",
+                    code="tied_conflict",
+                )
+            report.tied_conflicts.append(conflict)
+        report.aliases_updated.extend(
+            {"name": n, "via": winner, "source": value.name} for n in names if n not in chosen
+        )
+    return written
+
+
+def _same_values(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether two source tensors hold the same values (the same data, or equal elements)."""
+    if a.view_key == b.view_key:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not (a.plain and b.plain):
+        return False
+    from ckptscope.stats.compare import compare
+
+    return bool(compare(a, b)["identical"])
+
+
+def _check_overlapping_views(
+    target: Sequence[TensorInfo], groups: Mapping[str, str], chosen: Mapping[str, TensorInfo]
+) -> None:
+    """Refuse a copy into a tensor whose storage another target tensor views differently (a
+    transpose, an overlapping slice): load_state_dict would change that view too, and the written
+    file cannot reproduce it. Disjoint views of one storage (a flat parameter buffer) are fine."""
+    written = {groups[n] for n in chosen}
+    by_storage: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+    for t in target:
+        if not t.plain or t.numel == 0:
+            continue
+        last = t.storage_offset + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride, strict=True))
+        extent = (t.storage_offset * t.itemsize, (last + 1) * t.itemsize)
+        by_storage.setdefault((t.storage.path, t.storage.key), {}).setdefault(groups[t.name], extent)
+    for views in by_storage.values():
+        if len(views) < 2 or not written.intersection(views):
+            continue
+        # byte extents sorted by start: each one overlaps an earlier one iff it starts before the
+        # furthest end so far; track that end over all earlier extents and over written ones
+        furthest: tuple[int, str] | None = None
+        furthest_written: tuple[int, str] | None = None
+        for start, end, group in sorted((a, b, g) for g, (a, b) in views.items()):
+            other = None
+            if group in written and furthest is not None and start < furthest[0]:
+                other = furthest[1]
+            elif furthest_written is not None and start < furthest_written[0]:
+                other, group = group, furthest_written[1]
+            if other is not None:
+                raise Invalid(
+                    f"cannot copy into {group!r}: target tensor {other!r} views part of the same storage "
+                    "differently, and the written file cannot keep that tie",
+                    code="tied_view",
+                )
+            if furthest is None or end > furthest[0]:
+                furthest = (end, group)
+            if group in written and (furthest_written is None or end > furthest_written[0]):
+                furthest_written = (end, group)
 
 
 # --- diff -----------------------------------------------------------------------------------
@@ -400,14 +580,14 @@ def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, 
     for t in a:
         other = b_by_name.get(t.name)
         if other is None:
-            rows.append({"name": t.name, "status": "only_a", "shape_a": list(t.shape), "dtype_a": t.dtype})
+            rows.append({"name": t.name, "status": "only_a", "shape_a": list(t.shape), "dtype_a": t.shown_dtype})
             continue
         row: dict[str, Any] = {
             "name": t.name,
             "shape_a": list(t.shape),
             "shape_b": list(other.shape),
-            "dtype_a": t.dtype,
-            "dtype_b": other.dtype,
+            "dtype_a": t.shown_dtype,  # the file's own type name (a GGUF quantisation such as Q4_K)
+            "dtype_b": other.shown_dtype,
         }
         if t.shape != other.shape:
             row["status"] = "shape_changed"
@@ -415,11 +595,15 @@ def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, 
             metrics = compare(t, other)
             row.update(metrics)
             row["status"] = (
-                "identical" if metrics["identical"] else "dtype_changed" if t.dtype != other.dtype else "changed"
+                "identical"
+                if metrics["identical"]
+                else "dtype_changed"
+                if t.shown_dtype != other.shown_dtype
+                else "changed"
             )
         rows.append(row)
     rows.extend(
-        {"name": t.name, "status": "only_b", "shape_b": list(t.shape), "dtype_b": t.dtype}
+        {"name": t.name, "status": "only_b", "shape_b": list(t.shape), "dtype_b": t.shown_dtype}
         for t in b
         if t.name not in a_names
     )

@@ -20,6 +20,8 @@ BATCH_ELEMENTS = 1 << 18
 
 
 def batchable(info: TensorInfo) -> bool:
+    if not info.plain:
+        return False
     if not 0 < info.numel <= SMALL_ELEMENTS or info.dtype not in TORCH_DTYPES:
         return False
     if DTYPES[info.dtype].category == "complex":

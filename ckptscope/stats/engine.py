@@ -24,6 +24,7 @@ from ckptscope.formats.model import TensorInfo
 from .batch import BATCH_ELEMENTS, batch_stats, batchable
 from .kernel_engine import load_kernel, tensor_stats_with_kernel
 from .model import TensorStats
+from .pieced import pieced_stats
 from .torch_engine import describe, tensor_stats_with_torch
 from .walk import Buffers, MappedFiles
 
@@ -104,6 +105,9 @@ def compute_stats(
             raise StatsCancelled()
         if not hasattr(local, "bufs"):
             local.bufs = Buffers()
+        if info.pieces:  # stitched from chunks (torch.distributed.checkpoint): each piece in its file
+            record([info], [pieced_stats(info, maps.get, local.bufs, engine.name, engine.batch_device)])
+            return
         record([info], [engine.per_tensor(maps.get(info.storage.path), info, local.bufs)])
 
     def work_batch(batch: list[TensorInfo]) -> None:

@@ -108,9 +108,9 @@ def build_tree(
                 n.nan += s.nan
                 n.inf += s.inf
     for path, cls in (module_types or {}).items():
-        node = root.find(path)
-        if node is not None:
-            node.module_type = cls
+        found = root.find(path)
+        if found is not None:
+            found.module_type = cls
     return root
 
 

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from ckptscope.formats.model import DTYPES, TensorInfo
+from ckptscope.formats.gguf_decoding import block_ranges, block_type, decode_into, undecodable_note
+from ckptscope.formats.model import DTYPES, TensorInfo, contiguous_stride
 from ckptscope.formats.tensor_views import row_blocks, storage_tensor
 
 from .model import HIST_BINS, TensorStats
@@ -47,6 +48,8 @@ class ViewPlan:
 
 
 def plan_view(info: TensorInfo) -> ViewPlan:
+    if info.encoding is not None:  # blocks that decode to the values, all of them, in order
+        return ViewPlan(True, 0, info.numel, info.shape, contiguous_stride(info.shape), 1)
     factor = 1
     shape: list[int] = []
     stride: list[int] = []
@@ -71,8 +74,14 @@ def plan_view(info: TensorInfo) -> ViewPlan:
 
 def unsupported_note(info: TensorInfo) -> str | None:
     """Why no statistics are computed for this tensor's dtype, if they are not."""
+    if info.encoding is not None:
+        return undecodable_note(info)
     if DTYPES[info.dtype].category == "complex" or info.dtype not in TORCH_DTYPES:
         return f"statistics are not computed for {info.dtype} tensors"
+    if info.quant is not None:
+        from .quantized import quantized_note
+
+        return quantized_note(info, plan_view(info))
     return None
 
 
@@ -122,7 +131,14 @@ class TensorWalker:
         return Chunk(out, memoryview(self.raw_target)[: n * out.element_size()])
 
     def chunks(self) -> Iterator[Chunk]:
-        if self.plan.dense:
+        if self.info.encoding is not None:
+            yield from self._decoded_chunks()
+        elif self.info.quant is not None:
+            from .quantized import dequantized  # it builds on this module
+
+            raw = self._dense_chunks() if self.plan.dense else self._strided_chunks()
+            yield from dequantized(self.mm, self.info, raw)
+        elif self.plan.dense:
             yield from self._dense_chunks()
         else:
             yield from self._strided_chunks()
@@ -152,6 +168,22 @@ class TensorWalker:
         if release_each:
             self.release()
 
+    def _decoded_chunks(self) -> Iterator[Chunk]:
+        """Encoded blocks decoded into the float32 buffer, about CHUNK_ELEMENTS values at a time."""
+        storage, block_bytes = self.info.storage, block_type(self.info).type_size
+        released = storage.offset - storage.offset % _PAGE
+        release_each = storage.nbytes > WINDOW_BYTES
+        for first, count in block_ranges(self.info, CHUNK_ELEMENTS):
+            n = decode_into(self.mm, self.info, first, count, self.raw_target)
+            yield Chunk(self.target[:n], memoryview(self.raw_target)[: n * 4])
+            end = storage.offset + (first + count) * block_bytes
+            if release_each and end - released >= RELEASE_BYTES:
+                upto = end - end % _PAGE
+                self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                released = upto
+        if release_each:
+            self.release()
+
     def release(self) -> None:
         """Give the tensor's pages back (its whole range, whole pages only)."""
         if not self.plan.dense:
@@ -159,6 +191,8 @@ class TensorWalker:
         itemsize = self.info.itemsize
         start = self.info.storage.offset + self.plan.start * itemsize
         end = start + self.plan.count * itemsize
+        if self.info.encoding is not None:
+            start, end = self.info.storage.offset, self.info.storage.offset + self.info.storage.nbytes
         start -= start % _PAGE
         end -= end % _PAGE
         if end > start:

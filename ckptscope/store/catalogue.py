@@ -129,6 +129,7 @@ class TensorRow(StatsColumns, Base):  # type: ignore[misc]
     encoding: Mapped[str | None] = mapped_column(String(32), nullable=True)  # GGUF quantisation
     file_dtype: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the file's type name
     pieces: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a stitched tensor's chunks
+    quant: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a quantized tensor's scheme
     # ... the statistics' columns (StatsColumns), then:
     hist: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {bins, min, max, note}
 

@@ -10,13 +10,22 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, select, update
 
 from ckptscope.errors import Invalid, NotFound
 from ckptscope.formats.model import Checkpoint as Listing
-from ckptscope.formats.model import Piece, StorageRef, TensorInfo, relative_name, resolve_root
+from ckptscope.formats.model import (
+    Piece,
+    StorageRef,
+    TensorInfo,
+    quant_from_json,
+    quant_to_json,
+    relative_name,
+    resolve_root,
+)
 from ckptscope.stats.model import STATISTICS, TensorStats, finite_or_none
 from ckptscope.stats.tree import build_tree
 
@@ -186,7 +195,13 @@ class CatalogueQueries:
             row.encoding,
             row.file_dtype,
             self._pieces_from_json(row.name, row.pieces),
+            quant_from_json(json.loads(row.quant), self._aux_from_json) if row.quant else None,
         )
+
+    def _aux_from_json(self, data: list[Any]) -> TensorInfo:
+        dtype, shape, stride, soff, sha, off, nbytes, key = data
+        storage = StorageRef(str(self.blobs.path_for(sha)), off, nbytes, key)
+        return TensorInfo("", dtype, tuple(shape), tuple(stride), soff, storage)
 
     def _pieces_from_json(self, name: str, text: str | None) -> tuple[Piece, ...]:
         if not text:
@@ -381,9 +396,16 @@ def _tensor_rows(key: str, listing: Listing, sha_of_path: dict[str, str]) -> lis
             "encoding": t.encoding,
             "file_dtype": t.file_dtype,
             "pieces": _pieces_to_json(t.pieces, sha_of_path) if t.pieces else None,
+            "quant": dumps(quant_to_json(t.quant, partial(_aux_to_json, sha_of_path))) if t.quant else None,
         }
         for i, t in enumerate(listing.tensors)
     ]
+
+
+def _aux_to_json(sha_of_path: dict[str, str], t: TensorInfo) -> list[Any]:
+    """A helper tensor of a quantization (scales, zero points), naming its file by content hash."""
+    s = t.storage
+    return [t.dtype, list(t.shape), list(t.stride), t.storage_offset, sha_of_path[s.path], s.offset, s.nbytes, s.key]
 
 
 def _pieces_to_json(pieces: Sequence[Piece], sha_of_path: dict[str, str]) -> str:

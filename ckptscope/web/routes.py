@@ -198,6 +198,7 @@ async def export(request: Request, checkpoint_id: str, core: CoreDep) -> Respons
         rename=_pairs(str(form.get("rename") or "")),
         fmt=fmt,
         freeze=freeze,
+        dtype=str(form.get("dtype") or "") or None,
     )
     return _go_to(request, row.id)
 

@@ -1,7 +1,8 @@
 """What the file says about each tensor (issue 13): where its parameter/buffer label comes from
 (``kind_source``), how its bytes decode (``encoding``: GGUF quantisations), its type as the file
 spells it (``file_dtype``), the chunks of a stitched torch.distributed.checkpoint tensor
-(``pieces``); per content, the classes of pickled modules and the pickle report.
+(``pieces``), a torch quantized tensor's scheme (``quant``); per content, the classes of pickled
+modules and the pickle report.
 
 Rows listed before this revision keep their name-guessed kinds (``kind_source`` "name").
 
@@ -27,6 +28,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("encoding", sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column("file_dtype", sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column("pieces", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("quant", sa.Text(), nullable=True))
     with op.batch_alter_table("contents", schema=None) as batch_op:
         batch_op.add_column(sa.Column("module_types", sa.JSON(), nullable=False, server_default="{}"))
         batch_op.add_column(sa.Column("pickle_report", sa.JSON(), nullable=True))
@@ -37,6 +39,7 @@ def downgrade() -> None:
         batch_op.drop_column("pickle_report")
         batch_op.drop_column("module_types")
     with op.batch_alter_table("tensors", schema=None) as batch_op:
+        batch_op.drop_column("quant")
         batch_op.drop_column("pieces")
         batch_op.drop_column("file_dtype")
         batch_op.drop_column("encoding")

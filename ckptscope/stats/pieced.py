@@ -1,0 +1,118 @@
+"""Statistics of a stitched tensor: a torch.distributed.checkpoint tensor saved as several chunks
+(``TensorInfo.pieces``), each a plain tensor in its own file range.
+
+The definitions are the other engines' exactly (``walk.py``): pass 1 walks every chunk of every
+piece for the float64 sum, min/max, non-zero, NaN and Inf counts, which give the whole tensor's
+provisional mean and range; pass 2 walks every piece again for the centred sums and the 64-bin
+histogram over the whole tensor's [min, max]. Each piece's chunks are reduced by the C kernel
+where the engine is the kernel, else by the torch-op engine's reductions (on its device).
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Callable
+
+import torch
+
+from ckptscope.formats.model import TensorInfo
+
+from . import kernel_engine, torch_engine
+from .kernel_engine import load_kernel
+from .model import HIST_BINS, TensorStats
+from .walk import Accumulator, Buffers, Chunk, TensorWalker, ViewPlan, plan_view, unsupported_note
+
+MapFile = Callable[[str], mmap.mmap | None]
+
+
+class _Piece:
+    """One piece's walk and its own sums (combined with the others' by its expansion factor)."""
+
+    def __init__(self, walker: TensorWalker, plan: ViewPlan) -> None:
+        self.walker = walker
+        self.plan = plan
+        self.acc = Accumulator()
+        self.dirty: list[bool] = []
+
+
+def pieced_stats(
+    info: TensorInfo, mapped: MapFile, bufs: Buffers | None = None, engine: str = "kernel", device: str | None = None
+) -> TensorStats:
+    """Statistics of ``info`` (a TensorInfo with pieces). ``mapped`` gives a file's mapping (the
+    engine's ``MappedFiles.get``); ``engine`` is the engine's name ("kernel", "torch-fallback",
+    "torch") and ``device`` its torch device (None: the CPU)."""
+    note = unsupported_note(info)
+    if note is not None:
+        return TensorStats(numel=info.numel, note=note)
+    if info.numel == 0:
+        return TensorStats(numel=info.numel)
+    kernel = load_kernel()[0] if engine == "kernel" else None
+    bufs = bufs or Buffers()
+    pieces: list[_Piece] = []
+    for piece in info.pieces:
+        mm = mapped(piece.info.storage.path)
+        if mm is None or piece.info.numel == 0:
+            continue
+        plan = plan_view(piece.info)
+        pieces.append(_Piece(TensorWalker(mm, piece.info, plan, bufs), plan))
+    for p in pieces:  # pass 1: every piece, before any piece's pass 2
+        for chunk in p.walker.chunks():
+            p.dirty.append(_pass1(kernel, p.acc, chunk, device))
+    whole = Accumulator()
+    zeros = 0
+    for p in pieces:
+        f = p.plan.factor
+        zeros += (p.plan.count - p.acc.nonzero) * f
+        whole.nan += p.acc.nan * f
+        whole.inf += p.acc.inf * f
+        if p.acc.n:
+            whole.n += p.acc.n * f
+            whole.total += p.acc.total * f
+            whole.lo = min(whole.lo, p.acc.lo)
+            whole.hi = max(whole.hi, p.acc.hi)
+    whole.nonzero = info.numel - zeros
+    mean = whole.total / whole.n if whole.n else 0.0
+    if whole.n:
+        scale = whole.hist_scale()  # the whole tensor's range: every piece bins alike
+        for p in pieces:
+            if p.acc.n:
+                shift, css, hist = _pass2(kernel, p, mean, whole.lo, scale, device)
+                f = p.plan.factor
+                whole.shift += shift * f
+                whole.css += css * f
+                whole.hist = [a + b * f for a, b in zip(whole.hist, hist, strict=True)]
+    for p in pieces:
+        p.walker.release()
+    return whole.result(info.numel, info.numel, 1, mean)
+
+
+def _pass1(kernel: kernel_engine.Kernel | None, acc: Accumulator, chunk: Chunk, device: str | None) -> bool:
+    if kernel is not None:
+        return kernel_engine._pass1(kernel, acc, chunk)
+    values = chunk.values if device in (None, "cpu") else chunk.values.to(device)
+    return torch_engine._pass1(acc, values)
+
+
+def _pass2(
+    kernel: kernel_engine.Kernel | None, p: _Piece, mean: float, lo: float, scale: float, device: str | None
+) -> tuple[float, float, list[int]]:
+    """One piece's sum of (x - mean), of (x - mean)^2, and histogram over the whole range."""
+    chunks = zip(p.walker.chunks(), p.dirty, strict=True)
+    if kernel is not None:
+        counts = array("q", bytes(8 * HIST_BINS))
+        shift = css = 0.0
+        for chunk, dirty in chunks:
+            n = chunk.values.numel()
+            s, c = kernel.pass2(chunk.buffer, n, chunk.values.dtype == torch.float64, dirty, mean, lo, scale, counts)
+            shift += s
+            css += c
+        return shift, css, counts.tolist()
+    where = device or "cpu"
+    hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=where)
+    sums = torch.zeros(2, dtype=torch.float64, device=where)
+    for chunk, dirty in chunks:
+        values = chunk.values if where == "cpu" else chunk.values.to(where)
+        torch_engine._pass2(values[torch.isfinite(values)] if dirty else values, mean, lo, scale, hist, sums)
+    shift, css = sums.tolist()
+    return float(shift), float(css), [int(v) for v in hist.cpu().tolist()]

@@ -96,6 +96,8 @@ def _print_inspection(data: dict[str, Any]) -> None:
             label = (
                 f"{_rich(child['name'])}  [dim]{child['tensor_count']} tensors, {human_bytes(child['nbytes'])}[/dim]"
             )
+            if child.get("module_type"):
+                label += f" [cyan]{_rich(child['module_type'])}[/cyan]"
             if child["nan"] or child["inf"]:
                 label += f" [red]NaN {child['nan']} Inf {child['inf']}[/red]"
             add(branch.add(label), child)
@@ -107,8 +109,10 @@ def _print_inspection(data: dict[str, Any]) -> None:
     table = Table("name", "kind", "dtype", "shape", *columns)
     for t in data["tensors"]:
         s = t.get("stats") or {}
-        kind = t["kind"] + (f" = {t['alias_of']}" if t["alias_of"] else "")
-        table.add_row(_rich(t["name"]), _rich(kind), t["dtype"], str(t["shape"]), *(_fmt(s.get(k)) for k in columns))
+        guessed = "?" if t["kind_source"] != "file" and t["kind"] == "buffer" else ""  # a buffer by its name only
+        kind = t["kind"] + guessed + (f" = {t['alias_of']}" if t["alias_of"] else "")
+        name = t["name"] + (f"  ({t['name'].rpartition('.')[2]} of {t['parameter']})" if t.get("parameter") else "")
+        table.add_row(_rich(name), _rich(kind), t["dtype"], str(t["shape"]), *(_fmt(s.get(k)) for k in columns))
     console.print(table)
 
 
@@ -283,6 +287,12 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
         )
         for prefix in plan.unmatched_prefixes:
             _say(f"warning: {prefix!r} matches no tensor", err=True)
+        if plan.guessed_kinds:
+            _say(
+                f"note: {len(plan.guessed_kinds)} tensors are labelled parameter or buffer from their names "
+                "(the file does not say); check the buffers against the model",
+                err=True,
+            )
     return 0
 
 

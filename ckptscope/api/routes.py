@@ -14,7 +14,7 @@ from ckptscope.http.problems import problem
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
-from ckptscope.services.inspect import tensor_record
+from ckptscope.services.inspect import parameter_of, tensor_record
 from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState
 from ckptscope.store.queries import SORTABLE
 
@@ -127,6 +127,17 @@ def get_checkpoint(checkpoint_id: str, core: CoreDep) -> dict[str, Any]:
     }
 
 
+@router.patch(
+    "/checkpoints/{checkpoint_id}",
+    response_model=schemas.CheckpointOut,
+    responses={**ERRORS, 422: {**PROBLEM, "description": "name empty, longer than 200 characters or not text"}},
+)
+def rename_checkpoint(checkpoint_id: str, body: schemas.CheckpointPatch, core: CoreDep) -> dict[str, Any]:
+    """Rename (relabel) a checkpoint: `{"name": "..."}`. Its id, content and files stay."""
+    row, content = svc.rename_checkpoint(core, checkpoint_id, body.name)
+    return checkpoint_out(core, row, content)
+
+
 @router.delete("/checkpoints/{checkpoint_id}", status_code=204, responses=ERRORS)
 def delete_checkpoint(checkpoint_id: str, core: CoreDep) -> Response:
     svc.delete_checkpoint(core, checkpoint_id)
@@ -189,7 +200,11 @@ def list_tensors(
             "offset": offset,
             "limit": limit,
             "stats_state": content.stats_state,
-            "tensors": [tensor_record(t, s) | {"stats": s.to_json() if s else None} for t, s in page.rows],
+            "tensors": [
+                tensor_record(t, s, parameter_of(content.param_of, root, t.name))
+                | {"stats": s.to_json() if s else None}
+                for t, s in page.rows
+            ],
         }
     )
 
@@ -202,7 +217,7 @@ def get_tensor(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery = N
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     info, stats = svc.tensor_detail(core, content, root, name)
-    return tensor_record(info, stats) | {
+    return tensor_record(info, stats, parameter_of(content.param_of, root, info.name)) | {
         "stats": stats.to_json() if stats else None,
         "root": root,
         "stats_state": content.stats_state,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from ckptscope.stats.model import STATISTICS
 
@@ -52,6 +52,12 @@ class TensorOut(BaseModel):
         "state); name: guessed from its name and dtype"
     )
     alias_of: str | None = Field(description="tied tensor: the first name viewing the same data")
+    parameter: str | None = Field(
+        None,
+        description="optimizer state (e.g. Adam's exp_avg): the parameter it belongs to, by its full name "
+        "(e.g. model.encoder.layers.0.weight), where the optimizer's parameters match the weights in one way only; "
+        "null for other tensors. Optimizer state is listed as a buffer the file says is one",
+    )
     quantization: dict[str, Any] | None = Field(
         None,
         description="a torch quantized tensor: its scheme and integer type, scale and zero point (per tensor) or "
@@ -114,6 +120,14 @@ class CheckpointOut(BaseModel):
     origin: str
     stats_state: str
     job_id: str | None
+
+
+class CheckpointPatch(BaseModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="the checkpoint's new label (1 to 200 characters; control characters become spaces)"
+    )
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class PickleGlobalOut(BaseModel):

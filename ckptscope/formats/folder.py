@@ -27,7 +27,8 @@ from typing import Any, Protocol
 from ckptscope.errors import CheckpointError
 
 from .dcp import read_dcp
-from .model import Checkpoint, RootInfo, TensorInfo
+from .model import Checkpoint, OptimizerLayout, RootInfo, TensorInfo
+from .optimizer_names import name_optimizer_state
 from .pickled_tree import plain_value
 from .sharded import ShardResolver
 
@@ -351,6 +352,8 @@ def _trainer(plan: FolderPlan, reads: Mapping[str, Path], open_file: Opener) -> 
     files: list[str] = []
     module_types: dict[str, str] = {}
     pickle: dict[str, Any] | None = None
+    param_of: dict[str, str] = {}
+    optimizers: list[OptimizerLayout] = []
     default_root = ""
     model_format = ""
     for name, root in plan.roots.items():
@@ -373,6 +376,8 @@ def _trainer(plan: FolderPlan, reads: Mapping[str, Path], open_file: Opener) -> 
         warnings += [f"{name}: {w}" for w in part.warnings]
         files += [f for f in part.files if f not in files]
         module_types |= {(f"{root}.{k}" if k else root): v for k, v in part.module_types.items()}
+        param_of |= {f"{root}.{k}": f"{root}.{v}" for k, v in part.param_of.items()}
+        optimizers += [o._replace(path=f"{root}.{o.path}" if o.path else root) for o in part.optimizers]
         if part.pickle is not None and (pickle is None or not part.pickle.get("weights_only_loadable", True)):
             pickle = part.pickle  # one report for the folder: the first, or the first torch.load refuses
         if root == MODEL_ROOT:
@@ -384,6 +389,9 @@ def _trainer(plan: FolderPlan, reads: Mapping[str, Path], open_file: Opener) -> 
     if not tensors:
         first = warnings[0] if warnings else "no file holds tensors"
         raise CheckpointError("no_tensors", f"no file of this Trainer checkpoint could be listed ({first})")
+    if optimizers and not param_of:  # optimizer.pt beside the model's file: its state matched against it
+        ordered = model_format in ("torch-zip", "torch-legacy")  # a pickled state_dict keeps the model's order
+        tensors, param_of = name_optimizer_state(tensors, optimizers, default_root, ordered=ordered)
     return Checkpoint(
         format=f"trainer-{model_format}" if model_format else "trainer",
         tensors=tensors,
@@ -394,6 +402,8 @@ def _trainer(plan: FolderPlan, reads: Mapping[str, Path], open_file: Opener) -> 
         files=files,
         module_types=module_types,
         pickle=pickle,
+        param_of=param_of,
+        optimizers=optimizers,
     )
 
 

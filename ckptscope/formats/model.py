@@ -214,6 +214,16 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+class OptimizerLayout(NamedTuple):
+    """A ``torch.optim.Optimizer.state_dict()`` found in a file: where it lies (dotted, "" for the
+    whole file) and its param groups' parameter ids, in order, spelt as its ``state`` keys are
+    in tensor names (``state.0.exp_avg``). Read by ``optimizer_names`` to tell which parameter
+    each state tensor belongs to (also across the files of a Trainer folder); not catalogued."""
+
+    path: str
+    groups: tuple[tuple[str, ...], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class RootInfo:
     path: str  # dotted key path inside the file, "" for the whole file
@@ -234,6 +244,9 @@ class Checkpoint:
     # dotted module path (from the file's top level) -> class of the pickled module found there
     module_types: dict[str, str] = field(default_factory=dict)
     pickle: dict[str, Any] | None = None  # the pickle report (pickled formats), see pickle_report.py
+    # optimizer state tensor -> the parameter it belongs to (full names), see optimizer_names.py
+    param_of: dict[str, str] = field(default_factory=dict)
+    optimizers: list[OptimizerLayout] = field(default_factory=list)
 
     def resolve_root(self, root: str | None) -> str:
         return resolve_root(root, self.default_root, [r.path for r in self.roots])
@@ -365,6 +378,8 @@ def checkpoint_to_json(ckpt: Checkpoint) -> dict[str, Any]:
         "files": ckpt.files,
         "module_types": ckpt.module_types,
         "pickle": ckpt.pickle,
+        "param_of": ckpt.param_of,
+        "optimizers": [[o.path, [list(g) for g in o.groups]] for o in ckpt.optimizers],
         "tensors": [_tensor_to_json(t) for t in ckpt.tensors],
     }
 
@@ -380,4 +395,6 @@ def checkpoint_from_json(data: dict[str, Any]) -> Checkpoint:
         files=data["files"],
         module_types=data["module_types"],
         pickle=data["pickle"],
+        param_of=data.get("param_of", {}),
+        optimizers=[OptimizerLayout(p, tuple(tuple(g) for g in groups)) for p, groups in data.get("optimizers", [])],
     )

@@ -13,7 +13,17 @@ from typing import Any, NamedTuple
 
 from ckptscope.errors import CheckpointError
 
-from .model import DTYPES, Checkpoint, Quantization, RootInfo, StorageRef, TensorInfo, tensor_kind
+from .model import (
+    DTYPES,
+    Checkpoint,
+    OptimizerLayout,
+    Quantization,
+    RootInfo,
+    StorageRef,
+    TensorInfo,
+    tensor_kind,
+)
+from .optimizer_names import name_optimizer_state
 from .pickle_objects import InertObject, PickledModule, render
 from .torch_pickle import META, PickledQuant, PickledStorage, PickledTensor
 
@@ -176,75 +186,57 @@ def _kinds(leaves: list[tuple[_Leaf, TensorInfo, bool]]) -> list[TensorInfo]:
     return out
 
 
-def _optimizers(obj: Any) -> list[dict[Any, Any]]:
+def _is_optimizer(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+    )
+
+
+def _optimizers(obj: Any) -> list[tuple[tuple[str, ...], dict[Any, Any]]]:
     """The ``torch.optim.Optimizer.state_dict()``s near the top of a training checkpoint (under
-    ``optimizer``, Lightning's ``optimizer_states`` list, ...)."""
-    found: list[dict[Any, Any]] = []
-    level: list[Any] = [obj]
+    ``optimizer``, Lightning's ``optimizer_states`` list, ...; the whole object for a Trainer's
+    ``optimizer.pt``), with their key paths."""
+    if _is_optimizer(obj):
+        return [((), obj)]
+    found: list[tuple[tuple[str, ...], dict[Any, Any]]] = []
+    level: list[tuple[tuple[str, ...], Any]] = [((), obj)]
     for _ in range(3):
-        below: list[Any] = []
-        for node in level:
-            values = node.values() if isinstance(node, dict) else node if isinstance(node, list | tuple) else ()
-            for value in values:
-                if (
-                    isinstance(value, dict)
-                    and isinstance(value.get("state"), dict)
-                    and isinstance(value.get("param_groups"), list)
-                ):
-                    found.append(value)
+        below: list[tuple[tuple[str, ...], Any]] = []
+        for path, node in level:
+            items = (
+                node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list | tuple) else ()
+            )
+            for key, value in items:
+                if _is_optimizer(value):
+                    found.append(((*path, str(key)), value))
                 elif isinstance(value, dict | list | tuple) and len(found) < 4:
-                    below.append(value)
+                    below.append(((*path, str(key)), value))
         level = below[:64]
     return found
 
 
-_STATE_OF_PARAMETER = ("exp_avg", "momentum_buffer", "square_avg", "sum", "exp_avg_sq", "ax")
-
-
-def _optimizer_shapes(optimizer: dict[Any, Any]) -> list[tuple[int, ...]] | None:
-    """The shape of every parameter the optimizer holds, in its order (model.parameters()
-    order), from its per-parameter state; None where a parameter has no state to tell."""
-    shapes: list[tuple[int, ...]] = []
+def _optimizer_layout(path: tuple[str, ...], optimizer: dict[Any, Any]) -> OptimizerLayout | None:
+    """Where an optimizer lies and its groups' parameter ids (as its state keys are named)."""
+    groups: list[tuple[str, ...]] = []
     for group in optimizer["param_groups"]:
         params = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(params, list):
+        if not isinstance(params, list) or not all(type(p) is int for p in params):
             return None
-        for pid in params:
-            state = optimizer["state"].get(pid)
-            tensor = None
-            if isinstance(state, dict):
-                tensor = next((state[k] for k in _STATE_OF_PARAMETER if isinstance(state.get(k), PickledTensor)), None)
-            if tensor is None:
-                return None
-            shapes.append(tensor.shape)
-    return shapes
+        groups.append(tuple(str(p) for p in params))
+    return OptimizerLayout(".".join(path), tuple(groups))
 
 
-def _optimizer_evidence(obj: Any, tensors: list[TensorInfo], root: str) -> list[TensorInfo]:
-    """Parameters told by the optimizer saved beside the weights: it holds one state per trainable
-    parameter, in ``model.parameters()`` order (the state_dict order without the buffers), with the
-    parameter's shape. Matched in order, skipping known buffer names; used only when the one
-    optimizer's every parameter finds its tensor."""
-    optimizers = _optimizers(obj) if isinstance(obj, dict) else []
-    if len(optimizers) != 1:
-        return tensors
-    shapes = _optimizer_shapes(optimizers[0])
-    if not shapes:
-        return tensors
-    prefix = root + "." if root else ""
-    matched: set[str] = set()
-    j = 0
-    for t in tensors:
-        if j == len(shapes):
-            break
-        if not t.name.startswith(prefix) or t.alias_of or t.kind_source == "file" or t.kind == "buffer":
-            continue
-        if t.shape == shapes[j]:
-            matched.add(t.name)
-            j += 1
-    if j != len(shapes):
-        return tensors
-    return [t._replace(kind="parameter", kind_source="file") if t.name in matched else t for t in tensors]
+def _optimizer_evidence(
+    obj: Any, tensors: list[TensorInfo], root: str
+) -> tuple[list[TensorInfo], dict[str, str], list[OptimizerLayout]]:
+    """What the optimizers saved beside the weights tell (``optimizer_names``): their state
+    tensors are buffers, and where their parameters match the weights root's tensors in one
+    way only, those are parameters and each state tensor's parameter is known."""
+    layouts = [o for path, opt in _optimizers(obj) if (o := _optimizer_layout(path, opt)) is not None]
+    if not layouts:
+        return tensors, {}, []
+    tensors, param_of = name_optimizer_state(tensors, layouts, root)
+    return tensors, param_of, layouts
 
 
 def _tensor_info(name: str, leaf: PickledTensor, locate: StorageLocator, files: list[str]) -> TensorInfo:
@@ -311,9 +303,12 @@ def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str
     roots = [RootInfo(path, count) for path, count in bearing.items()]
     roots.sort(key=lambda r: (r.path.count("."), r.path != "", r.path))
     default_root = _choose_default_root(obj, roots)
+    tensors, param_of, optimizers = _optimizer_evidence(obj, mark_aliases(_kinds(leaves)), default_root)
     return Checkpoint(
         format=fmt,
-        tensors=_optimizer_evidence(obj, mark_aliases(_kinds(leaves)), default_root),
+        tensors=tensors,
+        param_of=param_of,
+        optimizers=optimizers,
         roots=roots,
         default_root=default_root,
         metadata=metadata,

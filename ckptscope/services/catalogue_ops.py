@@ -155,7 +155,9 @@ def download(core: Core, checkpoint_id: str, file: str | None = None) -> tuple[P
             names = ", ".join(f.name for f in files)
             raise Invalid(f"this checkpoint has {len(files)} files; choose one with ?file= ({names})")
         chosen = files[0]
-        name = row.name
+        # the label when it is a file name of the same kind (an upload's own), else the file's name
+        same_kind = Path(row.name).suffix and Path(row.name).suffix == Path(chosen.name).suffix
+        name = row.name if same_kind else chosen.name
     else:
         match = [f for f in files if f.name == file]
         if not match:

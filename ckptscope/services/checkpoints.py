@@ -20,7 +20,7 @@ from ckptscope.store.blobs import Blob
 from ckptscope.store.catalogue import Checkpoint, Content, FileRef, StatsState
 from ckptscope.store.queries import StoredFile, TensorPage
 from ckptscope.store.queries import check_root as check_root  # for the routes
-from ckptscope.text import make_storable
+from ckptscope.text import make_storable, storable_text
 
 from .uploaded_folders import arrange_upload
 
@@ -39,6 +39,20 @@ def display_name(raw: str | None) -> str:
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     return name.strip()[:255] or "upload"
+
+
+MAX_LABEL = 200  # characters of a checkpoint's name (label)
+
+
+def checkpoint_label(raw: str) -> str:
+    """A name a user gives a checkpoint (upload form, rename): 1..MAX_LABEL characters once trimmed,
+    control characters (newlines, tabs) as spaces, NULs and lone surrogates as visible escapes
+    (``storable_text``), so any catalogue database can hold it."""
+    text = storable_text(raw)
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
+    if not 1 <= len(text) <= MAX_LABEL:
+        raise Invalid(f"a checkpoint name has 1 to {MAX_LABEL} characters (got {len(text)})")
+    return text
 
 
 def _content_key(uploads: Sequence[Upload]) -> str:
@@ -103,7 +117,7 @@ def ingest(
             listing,
             [StoredFile(display_name(u.name), u.blob.sha256, u.blob.size) for u in files],
             {str(u.blob.path): u.blob.sha256 for u in files},
-            name=display_name(name or chosen.name or primary.name),
+            name=checkpoint_label(name) if name else display_name(chosen.name or primary.name),
             origin=origin,
             provenance=provenance,
         )
@@ -127,6 +141,12 @@ def list_checkpoints(core: Core) -> list[tuple[Checkpoint, Content]]:
 
 def files_of(core: Core, content_key: str) -> list[FileRef]:
     return core.queries.files_of(content_key)
+
+
+def rename_checkpoint(core: Core, checkpoint_id: str, name: str) -> tuple[Checkpoint, Content]:
+    """Relabel a checkpoint (``checkpoint_label`` rules); its id, content and files stay."""
+    core.queries.rename_checkpoint(checkpoint_id, checkpoint_label(name))
+    return core.queries.get_checkpoint(checkpoint_id)
 
 
 def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
@@ -158,6 +178,23 @@ def module_tree(core: Core, content: Content, root: str) -> TreeNode:
         return build_tree([t for t, _ in pairs], stats, module_types_under(content.module_types or {}, root))
 
     return core.trees.get((content.key, root, content.stats_state), build)
+
+
+_SHORT_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def params_by_dtype(tree: TreeNode) -> list[tuple[str, int]]:
+    """Parameter counts per dtype, largest first, tied tensors once, with the Hugging Face Hub's
+    short names (``F32``, ``BF16``; a GGUF type such as ``Q4_K`` as it is)."""
+    counts: dict[str, int] = {}
+    for dtype, numel in tree.param_dtypes.items():
+        short = _SHORT_DTYPES.get(dtype, dtype.upper())
+        counts[short] = counts.get(short, 0) + numel
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def module_node(core: Core, content: Content, root: str, path: str) -> TreeNode:

@@ -11,7 +11,15 @@ from ckptscope.formats.model import contiguous_stride, module_types_under
 from ckptscope.stats import TensorStats, TreeNode, build_tree
 
 
-def tensor_record(t: TensorInfo, stats: TensorStats | None = None) -> dict[str, Any]:
+def parameter_of(param_of: Mapping[str, str] | None, root: str, name: str) -> str | None:
+    """The parameter (full name) an optimizer state tensor belongs to; ``name`` relative to ``root``."""
+    if not param_of:
+        return None
+    return param_of.get(f"{root}.{name}" if root else name)
+
+
+def tensor_record(t: TensorInfo, stats: TensorStats | None = None, parameter: str | None = None) -> dict[str, Any]:
+    """``parameter``: for an optimizer state tensor, the parameter it belongs to (``parameter_of``)."""
     record: dict[str, Any] = {
         "name": t.name,
         "dtype": t.shown_dtype,
@@ -22,6 +30,7 @@ def tensor_record(t: TensorInfo, stats: TensorStats | None = None) -> dict[str, 
         "kind_source": t.kind_source,
         "quantization": t.quant.describe() if t.quant is not None else None,
         "alias_of": t.alias_of,
+        "parameter": parameter,
         "contiguous": t.stride == contiguous_stride(t.shape),
         "data_offset": t.data_offset,
     }
@@ -51,7 +60,10 @@ class Inspection:
             "pickle": ckpt.pickle,
             "tensor_count": len(self.tensors),
             "total_bytes": self.tree.nbytes,
-            "tensors": [tensor_record(t, stats.get(t.name)) for t in self.tensors],
+            "tensors": [
+                tensor_record(t, stats.get(t.name), parameter_of(ckpt.param_of, self.root, t.name))
+                for t in self.tensors
+            ],
             "tree": self.tree.to_json(),
         }
 

@@ -12,10 +12,11 @@ from typing import Any
 from ckptscope.errors import Invalid, UnsupportedOutput
 from ckptscope.formats import TensorInfo
 from ckptscope.formats.model import DTYPES
+from ckptscope.formats.pickled_tree import mark_aliases
 from ckptscope.formats.writers import OutputTensor, write_safetensors, write_torch_zip
 from ckptscope.stats.tree import module_order
 
-from .selection import normalize_mapping, normalize_prefix, rename
+from .selection import normalize_mapping, normalize_prefix, rename, under
 
 # --- prefix matching ------------------------------------------------------------------------
 # Requests may name thousands of prefixes, and checkpoints hold up to hundreds of thousands of
@@ -252,9 +253,49 @@ def export_with_plan(
     freeze: Sequence[str],
     dtype: str | None = None,
 ) -> tuple[list[OutputTensor], FreezePlan | None]:
+    """The tensors an export writes and the freeze plan embedded in it. ``freeze`` names modules
+    of the source (as its tree shows them); with ``rename_map`` the plan names them as the
+    exported file does (``renamed_freeze``), or the export is refused (never a wrong plan)."""
     outputs = plan_export(tensors, include, exclude, rename_map, dtype)
-    plan = freeze_plan([o.source.renamed(o.name, None) for o in outputs], freeze) if freeze else None
+    plan = None
+    if freeze:
+        written = mark_aliases([o.source.renamed(o.name, None) for o in outputs])  # tied: as written
+        plan = freeze_plan(written, renamed_freeze(freeze, outputs, normalize_mapping(rename_map or {})))
     return outputs, plan
+
+
+def renamed_freeze(freeze: Sequence[str], outputs: Sequence[OutputTensor], mapping: Mapping[str, str]) -> list[str]:
+    """Freeze prefixes of the source in the names an export writes: a prefix inside a renamed
+    module takes its new name (``layers.0`` -> ``blocks.0`` for ``layers.=blocks.``), and one
+    holding renamed modules also gets their new names (``model`` -> ``model``, ``blocks`` for
+    ``model.layers.=blocks.``). Checked over the written tensors: every prefix freezes exactly
+    what it covers in the source; where no set of new prefixes does (a renaming that moves part
+    of a module's tensors under another's name), ``Invalid``."""
+    prefixes = [normalize_prefix(p) for p in freeze]
+    if not mapping:
+        return prefixes
+    renamer = Renamer(mapping)
+    origins: dict[str, set[str]] = {}  # new prefix -> the source prefixes it stands for
+    for p in prefixes:
+        new = renamer(p)
+        for q in [p if new is None else new, *(n for old, n in mapping.items() if old != p and under(old, p))]:
+            origins.setdefault(q, set()).add(p)
+    source, written = PrefixSet(prefixes), PrefixSet(origins)
+    for o in outputs:
+        before = set(source.hits(o.source.name))
+        after = {p for q in written.hits(o.name) for p in origins[q]}
+        if before != after:
+            wrong = sorted(before ^ after)[0]
+            how = (
+                f"is under {wrong!r} but is written as {o.name!r}, outside the names the plan gives it"
+                if wrong in before
+                else f"is not under {wrong!r} but is written as {o.name!r}, under the name the plan gives it"
+            )
+            raise Invalid(
+                f"the freeze plan cannot name {wrong!r} in the renamed export: {o.source.name!r} {how} "
+                "(freeze prefixes name modules of the source, before renaming; freeze the modules inside it instead)"
+            )
+    return list(origins)
 
 
 # --- freeze ---------------------------------------------------------------------------------

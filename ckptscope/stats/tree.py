@@ -29,6 +29,7 @@ class TreeNode:
     tensor_count: int = 0
     numel: int = 0
     param_numel: int = 0  # parameters only, aliases counted once
+    param_dtypes: dict[str, int] = field(default_factory=dict)  # param_numel by shown dtype
     buffer_count: int = 0
     alias_count: int = 0
     nbytes: int = 0  # aliases counted once
@@ -102,6 +103,7 @@ def build_tree(
                 n.nbytes += t.nbytes
                 if t.kind == "parameter":
                     n.param_numel += t.numel
+                    n.param_dtypes[t.shown_dtype] = n.param_dtypes.get(t.shown_dtype, 0) + t.numel
             if t.kind == "buffer":
                 n.buffer_count += 1
             if s is not None:

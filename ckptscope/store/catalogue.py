@@ -82,6 +82,8 @@ class Content(Base):
     total_bytes: Mapped[int] = mapped_column(BigInteger)
     module_types: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # module path -> class
     pickle_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # optimizer state tensor -> its parameter (full names), where the file tells it
+    param_of: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     stats_state: Mapped[str] = mapped_column(String(16), default=StatsState.PENDING)  # a StatsState
     stats_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # which server process computes the stats, and when it last said so (processes share the catalogue)

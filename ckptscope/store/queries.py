@@ -89,6 +89,13 @@ class CatalogueQueries:
             )
             return [(c, k) for c, k in rows]
 
+    def rename_checkpoint(self, checkpoint_id: str, name: str) -> None:
+        """Give a checkpoint a new label (its content, files and id stay)."""
+        stmt = update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(name=name)
+        with self.catalogue.engine.begin() as conn:
+            if conn.execute(stmt).rowcount == 0:
+                raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
+
     def files_of(self, content_key: str) -> list[FileRef]:
         with self.catalogue.session() as session:
             stmt = select(FileRef).where(FileRef.content_key == content_key).order_by(FileRef.name)
@@ -125,6 +132,7 @@ class CatalogueQueries:
                         total_bytes=build_tree(listing.tensors).nbytes,
                         module_types=listing.module_types,
                         pickle_report=listing.pickle,
+                        param_of=listing.param_of,
                         stats_state=StatsState.PENDING,
                     )
                     session.add(content)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -17,14 +17,23 @@ from ckptscope.http.deps import MAX_PAGE, CoreDep
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
+from ckptscope.services import values as tensor_values
 from ckptscope.services.operations import Renamer
 from ckptscope.services.selection import normalize_mapping, parse_pairs
 
+from .charts import HistogramView, histogram_view
 from .templating import is_htmx, render
+
+if TYPE_CHECKING:
+    from ckptscope.formats import TensorInfo
+    from ckptscope.stats import TensorStats
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 50
+PAGE_SIZES = (50, 100, 250, 500)  # the tensor table's rows-per-page choices; the largest bounds ?size=
+MAX_TREE_PATHS = 2_000  # modules a tree refresh renders expanded (the page sends those it has open)
 MAX_SELECTED = 10_000  # modules/tensors ticked, and rename pairs, in one operation form
+CREATED_COOKIE = "ckptscope_created"  # flash: the checkpoint an export or copy just wrote
 CSRF = [Depends(csrf.require_csrf)]  # the UI's state-changing routes (the upload checks it itself)
 
 
@@ -77,9 +86,12 @@ def checkpoint_page(
     sort: str = "position",
     desc: bool = False,
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
+    size: Annotated[int, Query(ge=1, le=PAGE_SIZES[-1])] = PAGE_SIZE,
+    hist: Annotated[str, Query(pattern="^(|linear|log)$")] = "",
 ) -> Response:
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
+    tensor = tensor or None  # "tensor=" (the detail's close button) selects none
     params = {
         "root": root if root != content.default_root else None,
         "q": q,
@@ -87,19 +99,15 @@ def checkpoint_page(
         "nonfinite": nonfinite,
         "sort": sort if sort != "position" else None,
         "desc": desc,
+        "size": size if size != PAGE_SIZE else None,
+        "hist": "log" if hist == "log" else None,  # the histogram's count scale, kept across tensors
     }
-    table = svc.tensor_page(
-        core,
-        content,
-        root,
-        search=q,
-        kind=kind or None,
-        only_nonfinite=nonfinite,
-        sort=sort,
-        descending=desc,
-        offset=(page - 1) * PAGE_SIZE,
-        limit=PAGE_SIZE,
-    )
+    query = {"search": q, "kind": kind or None, "only_nonfinite": nonfinite, "sort": sort, "descending": desc}
+    table = svc.tensor_page(core, content, root, **query, offset=(page - 1) * size, limit=size)
+    pages = max(1, -(-table.total // size))
+    if page > pages:  # past the end (the filter shrank the list, or an old link): show the last page
+        page = pages
+        table = svc.tensor_page(core, content, root, **query, offset=(page - 1) * size, limit=size)
     detail = None
     detail_error = None
     if tensor is not None:
@@ -107,37 +115,95 @@ def checkpoint_page(
             detail = svc.tensor_detail(core, content, root, tensor)
         except NotFound as exc:
             detail_error = exc.detail
+    tree = svc.module_tree(core, content, root)
     context = {
         "ckpt": row,
         "content": content,
+        "created": request.cookies.get(CREATED_COOKIE) == row.id,  # just written by an export or a copy
+        "params_by_dtype": svc.params_by_dtype(tree),
         "root": root,
         "params": params,
         "page": page,
-        "pages": max(1, -(-table.total // PAGE_SIZE)),
+        "pages": pages,
+        "page_links": page_links(page, pages),
+        "size": size,
+        "page_sizes": PAGE_SIZES,
         "table": table,
-        "tree": svc.module_tree(core, content, root),
+        "tree": tree,
         "detail": detail,
         "detail_error": detail_error,
+        "histogram": _histogram(detail, log=hist == "log"),
         "selected": tensor,
         "progress": svc.progress(core, content),
         "files": svc.files_of(core, content.key),
-        "others": [other for other, _ in svc.list_checkpoints(core) if other.id != row.id],
+        "others": [(other, c) for other, c in svc.list_checkpoints(core) if other.id != row.id],
     }
     target = request.headers.get("HX-Target") if is_htmx(request) else None
     block = {"detail": "detail", "tensor-table": "tensor_table"}.get(target or "")
-    return render(request, "checkpoint.html", context, block)
+    response = render(request, "checkpoint.html", context, block)
+    if context["created"] and block is None:  # the message shows once
+        response.delete_cookie(CREATED_COOKIE, path=f"/checkpoints/{row.id}")
+    return response
+
+
+def _histogram(detail: tuple[TensorInfo, TensorStats | None] | None, *, log: bool) -> HistogramView | None:
+    """The detail panel's chart: a tiny tensor's values and few distinct values are read from its file."""
+    if detail is None:
+        return None
+    info, stats = detail
+    if stats is None:
+        return None
+    values = tensor_values.tensor_values(info, stats)
+    return histogram_view(
+        stats,
+        log=log,
+        name=info.name,
+        category=values.category,
+        distinct=values.distinct,
+        values=values.values,
+        shape=info.shape,
+    )
 
 
 @router.get("/checkpoints/{checkpoint_id}/tree", response_class=HTMLResponse)
 def tree_children(
-    request: Request, checkpoint_id: str, core: CoreDep, root: str | None = None, path: str = ""
+    request: Request,
+    checkpoint_id: str,
+    core: CoreDep,
+    root: str | None = None,
+    path: str = "",
+    expand: Annotated[list[str] | None, Query(max_length=MAX_TREE_PATHS)] = None,
+    opened: Annotated[list[str] | None, Query(alias="open", max_length=MAX_TREE_PATHS)] = None,
 ) -> Response:
+    """The children of one module (lazily, as a module is opened), or the whole tree again when the
+    stats are ready: then ``expand`` names the modules whose children the page had loaded (rendered
+    inline, so ticked boxes inside survive) and ``open`` those shown open."""
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     node = svc.module_node(core, content, root, path)
     params = {"root": root if root != content.default_root else None}
-    context = {"ckpt": row, "node": node, "params": params, "offset": 0}
+    shown_open = frozenset(opened or ())
+    context = {
+        "ckpt": row,
+        "node": node,
+        "params": params,
+        "offset": 0,
+        "expand": frozenset(expand or ()) | shown_open,
+        "open_paths": shown_open,
+    }
     return render(request, "checkpoint.html", context, "tree_children")
+
+
+def page_links(page: int, pages: int, around: int = 2) -> list[int | None]:
+    """The pager's page numbers: the first, the last and a window around the current one; None
+    marks a gap (shown as an ellipsis)."""
+    shown = sorted({1, pages, *range(max(1, page - around), min(pages, page + around) + 1)})
+    links: list[int | None] = []
+    for n in shown:
+        if links and n - (links[-1] or 0) > 1:
+            links.append(None)
+        links.append(n)
+    return links
 
 
 @router.get("/checkpoints/{checkpoint_id}/progress", response_class=HTMLResponse)
@@ -169,11 +235,21 @@ async def _selection(request: Request) -> tuple[FormData, list[str], str | None]
     return form, modules, str(root) if root is not None else None
 
 
-def _go_to(request: Request, checkpoint_id: str) -> Response:
+def _go_to(request: Request, checkpoint_id: str, *, created: bool = False) -> Response:
+    """To a checkpoint's page; ``created``: the page then says what was just written (a flash
+    cookie scoped to that page, read and cleared there once; the URL stays the checkpoint's own)."""
     url = f"/checkpoints/{checkpoint_id}"
+    response: Response
     if is_htmx(request):
-        return Response(status_code=200, headers={"HX-Redirect": url})
-    return RedirectResponse(url, status_code=303)
+        response = Response(status_code=200, headers={"HX-Redirect": url})
+    else:
+        response = RedirectResponse(url, status_code=303)
+    if created:
+        secure = request.url.scheme == "https"
+        response.set_cookie(
+            CREATED_COOKIE, checkpoint_id, max_age=300, path=url, httponly=True, samesite="strict", secure=secure
+        )
+    return response
 
 
 @router.post("/checkpoints/{checkpoint_id}/freeze", response_class=HTMLResponse, dependencies=CSRF)
@@ -200,7 +276,7 @@ async def export(request: Request, checkpoint_id: str, core: CoreDep) -> Respons
         freeze=freeze,
         dtype=str(form.get("dtype") or "") or None,
     )
-    return _go_to(request, row.id)
+    return _go_to(request, row.id, created=True)
 
 
 @router.post("/checkpoints/{checkpoint_id}/copy", response_class=HTMLResponse, dependencies=CSRF)
@@ -217,7 +293,7 @@ async def copy(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
         ops.copy, core, checkpoint_id, target, mapping, strict=strict, dry_run=dry_run, source_root=root
     )
     if row is not None:
-        return _go_to(request, row.id)
+        return _go_to(request, row.id, created=True)
     refused = None
     if not dry_run:
         refused = (
@@ -229,6 +305,13 @@ async def copy(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
     return render(request, "checkpoint.html", context, "ops_result")
 
 
+@router.post("/checkpoints/{checkpoint_id}/rename", dependencies=CSRF)
+async def rename(request: Request, checkpoint_id: str, core: CoreDep) -> Response:
+    form = await request.form()
+    await run_in_threadpool(svc.rename_checkpoint, core, checkpoint_id, str(form.get("name") or ""))
+    return _go_to(request, checkpoint_id)
+
+
 @router.get("/compare", response_class=HTMLResponse)
 def compare(
     request: Request,
@@ -236,15 +319,25 @@ def compare(
     a: str | None = None,
     b: str | None = None,
     show: Annotated[str, Query(pattern="^(changed|all)$")] = "changed",
+    pick: Annotated[list[str] | None, Query(max_length=100)] = None,
 ) -> Response:
+    """A and B start empty, or as the two checkpoints ticked on the home list (``pick``; the older
+    one is A); never a default pair."""
     items = svc.list_checkpoints(core)
+    picked = [p for p in pick or [] if p]
+    pick_error = None
+    if picked and not (a or b):
+        if len(picked) == 2:
+            order = {row.id: i for i, (row, _) in enumerate(items)}  # newest first
+            b, a = sorted(picked, key=lambda p: order.get(p, -1))
+        else:
+            pick_error = f"tick exactly two checkpoints to compare ({len(picked)} ticked)"
     result = ops.diff(core, a, b) if a and b else None
     rows = None
     if result is not None:
         rows = [r for r in result["tensors"] if show == "all" or r["status"] != "identical"]
-    return render(
-        request, "compare.html", {"items": items, "a": a, "b": b, "result": result, "rows": rows, "show": show}
-    )
+    context = {"items": items, "a": a, "b": b, "result": result, "rows": rows, "show": show, "pick_error": pick_error}
+    return render(request, "compare.html", context)
 
 
 @router.get("/docs", response_class=HTMLResponse)

@@ -6,6 +6,7 @@ A page is one template; an htmx request renders just one ``{% block %}`` of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -32,6 +33,49 @@ def num(value: float | int | None) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.5g}"
     return f"{value:.4e}"
+
+
+NUMBER_COLUMNS = ("mean", "std", "min", "max", "absmax")  # the tensor table's float statistics
+
+
+def column_style(values: Iterable[float | int | None]) -> str:
+    """How a whole table column shows its numbers, so that it never switches notation row to row:
+    "sci" when any finite non-zero value has |x| < 1e-3 or |x| >= 1e5, else "fixed"."""
+    for v in values:
+        if v is not None and math.isfinite(v) and v != 0 and not 1e-3 <= abs(v) < 1e5:
+            return "sci"
+    return "fixed"
+
+
+def column_styles(rows: Iterable[tuple[Any, Any]], keys: Iterable[str] = NUMBER_COLUMNS) -> dict[str, str]:
+    """``column_style`` of each statistic over the (tensor, stats) rows of a table page."""
+    stats = [s for _, s in rows if s is not None]
+    return {k: column_style(getattr(s, k) for s in stats) for k in keys}
+
+
+def colnum(value: float | int | None, style: str = "fixed") -> str:
+    """4 significant digits in the column's notation: "fixed" (0.01234, 12.35, 12346) or "sci"
+    (1.234e-05). Zero is "0" in both; None is "-"."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+    if value == 0:
+        return "0"
+    if style == "sci":
+        return f"{value:.3e}"
+    decimals = max(0, 3 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def fullnum(value: float | int | None) -> str:
+    """Full precision (the shortest text that reads back as the same float), for titles and the
+    detail panel; integers with thousands separators."""
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return repr(float(value))
 
 
 def histogram_bars(hist: list[int], width: int = 640, height: int = 160) -> list[dict[str, float]]:
@@ -75,8 +119,8 @@ env = Environment(
     lstrip_blocks=True,
     finalize=reveal_controls,
 )
-env.filters.update(human_bytes=human_bytes, human_count=human_count, num=num)
-env.globals.update(histogram_bars=histogram_bars, query=query, isfinite=math.isfinite)
+env.filters.update(human_bytes=human_bytes, human_count=human_count, num=num, colnum=colnum, fullnum=fullnum)
+env.globals.update(histogram_bars=histogram_bars, query=query, isfinite=math.isfinite, column_styles=column_styles)
 
 
 def is_htmx(request: Request) -> bool:

@@ -254,7 +254,8 @@ def lightning_files(producer_dir: Path) -> dict[str, Case]:
     # whatever torch refuses in it (nothing, with Lightning 2.6), allowlisted to read the truth
     unsafe = [resolve_global(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
     loaded = load_torch(path, unsafe)
-    expected = optimized(object_truth(loaded, model_kinds(module, "state_dict")), module, "state_dict")
+    kinds = model_kinds(module, "state_dict")
+    expected = optimized(object_truth(loaded, kinds), module, "state_dict", "optimizer_states.0")
     case = pickled_case("lightning-ckpt", path, expected, default_root="state_dict", loaded=loaded)
     return {"lightning-ckpt": case}
 
@@ -365,7 +366,10 @@ def torch_files(producer_dir: Path) -> dict[str, Case]:
         opt.step()
         torch.save(training_objects(cnn, opt), d / "train.pt")
         expected = optimized(
-            torch_file_truth(d / "train.pt", model_kinds(cnn, "model"), TRAINING_SAFE_GLOBALS), cnn, "model"
+            torch_file_truth(d / "train.pt", model_kinds(cnn, "model"), TRAINING_SAFE_GLOBALS),
+            cnn,
+            "model",
+            "optimizer",
         )
         cases["training-ckpt"] = pickled_case(
             "training-ckpt", d / "train.pt", expected, TRAINING_SAFE_GLOBALS, default_root="model"

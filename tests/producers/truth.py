@@ -142,14 +142,18 @@ def expectations(
     return out
 
 
-def optimized(expected: dict[str, Expect], model: nn.Module, prefix: str) -> dict[str, Expect]:
-    """A training checkpoint whose optimizer holds every trainable parameter: the optimizer's
-    per-parameter state tells those tensors are parameters (the file says so)."""
+def optimized(expected: dict[str, Expect], model: nn.Module, prefix: str, optimizer: str) -> dict[str, Expect]:
+    """A training checkpoint whose optimizer (its state dict at key path ``optimizer``) holds every
+    trainable parameter: the optimizer's per-parameter state tells those tensors are parameters
+    (the file says so), and its own tensors are state, listed as buffers the file says are ones."""
     out = dict(expected)
     for name, p in model.named_parameters():
         if p.requires_grad:
             key = f"{prefix}.{name}"
             out[key] = dataclasses.replace(out[key], kind_source="file")
+    for key, e in expected.items():
+        if key.startswith(optimizer + "."):
+            out[key] = dataclasses.replace(e, kind="buffer", kind_source="file")
     return out
 
 

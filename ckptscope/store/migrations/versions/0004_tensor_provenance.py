@@ -2,7 +2,8 @@
 (``kind_source``), how its bytes decode (``encoding``: GGUF quantisations), its type as the file
 spells it (``file_dtype``), the chunks of a stitched torch.distributed.checkpoint tensor
 (``pieces``), a torch quantized tensor's scheme (``quant``); per content, the classes of pickled
-modules and the pickle report.
+modules, the pickle report and the parameter each optimizer state tensor belongs to
+(``param_of``).
 
 Rows listed before this revision keep their name-guessed kinds (``kind_source`` "name").
 
@@ -32,10 +33,12 @@ def upgrade() -> None:
     with op.batch_alter_table("contents", schema=None) as batch_op:
         batch_op.add_column(sa.Column("module_types", sa.JSON(), nullable=False, server_default="{}"))
         batch_op.add_column(sa.Column("pickle_report", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("param_of", sa.JSON(), nullable=False, server_default="{}"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("contents", schema=None) as batch_op:
+        batch_op.drop_column("param_of")
         batch_op.drop_column("pickle_report")
         batch_op.drop_column("module_types")
     with op.batch_alter_table("tensors", schema=None) as batch_op:

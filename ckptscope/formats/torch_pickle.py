@@ -249,9 +249,11 @@ def _rebuild_qtensor(
         _, scales, zero_points, axis = quantizer_params
         if not isinstance(scales, PickledTensor) or not isinstance(zero_points, PickledTensor) or type(axis) is not int:
             raise _bad("per-channel quantization parameters are not two tensors and an axis")
-        if not 0 <= axis < len(tensor.shape) or scales.shape != (tensor.shape[axis],) != zero_points.shape:
-            raise _bad("per-channel quantization parameters do not match the tensor's channels")
-        if zero_points.shape != scales.shape:
+        if (
+            not 0 <= axis < len(tensor.shape)
+            or scales.shape != (tensor.shape[axis],)
+            or zero_points.shape != scales.shape
+        ):
             raise _bad("per-channel quantization parameters do not match the tensor's channels")
         quant = PickledQuant(scheme.name, qdtype, axis=axis, scales=scales, zero_points=zero_points)
         return replace(tensor, quant=quant)
@@ -689,14 +691,3 @@ class PickleReader:
 
 def _record_only(_module: str, _name: str) -> CheckpointError | None:
     return None  # every global is recorded; refuse_dangerous decides once the graph is read
-
-
-def unpickle_restricted(
-    data: bytes | BinaryIO, budget: WorkBudget | None = None
-) -> tuple[Any, dict[str, PickledStorage]]:
-    """One pickle read by a fresh ``PickleReader`` (see there)."""
-    if budget is None:
-        if not isinstance(data, bytes):
-            raise TypeError("a stream needs the budget of its file")
-        budget = WorkBudget.for_bytes(len(data))
-    return PickleReader(budget).load(data)

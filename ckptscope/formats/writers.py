@@ -8,17 +8,25 @@ in bounded chunks.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptscope.errors import UnsupportedOutput
 
 from .model import DTYPES, TensorInfo, contiguous_stride
+
+if TYPE_CHECKING:
+    import torch
 
 COPY_CHUNK = 1 << 20
 RANGE_BUFFER = 1 << 20  # pread/write buffer for plain byte ranges (1 MiB stays in cache: 1.5x faster than 16)
@@ -89,13 +97,30 @@ def iter_tensor_bytes(tensor: OutputTensor) -> Iterator[bytes]:
     yield from _iter_via_torch(tensor)
 
 
+@contextmanager
+def _mapped(path: str) -> Iterator[mmap.mmap]:
+    """A read-only mapping of ``path`` for torch views of it (torch's warning about frombuffer on a
+    read-only buffer silenced), closed after; a view still referenced leaves it to the GC."""
+    with open(path, "rb") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            yield mm
+        finally:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+
+def _bytes_of(part: torch.Tensor) -> bytes:
+    """The bytes of a contiguous tensor."""
+    return ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
+
+
 def _iter_dequantized(tensor: OutputTensor) -> Iterator[bytes]:
     """A torch quantized source as its values, (q - zero_point) * scale computed in float64 and
     cast to ``out_dtype``, in row blocks."""
-    import ctypes
-    import mmap
-    import warnings
-
     import torch
 
     from .tensor_views import logical_view, row_blocks
@@ -104,70 +129,49 @@ def _iter_dequantized(tensor: OutputTensor) -> Iterator[bytes]:
     quant = src.quant
     assert quant is not None
     out_dtype = getattr(torch, tensor.out_dtype)
-    with open(src.storage.path, "rb") as fh, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # frombuffer on a read-only mmap
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            view = logical_view(mm, src).reshape(src.shape or (1,))
-            scales = zero_points = None
-            if quant.scales is not None and quant.zero_points is not None:
-                shape = [1] * view.dim()
-                shape[quant.axis] = -1
-                scales = logical_view(mm, quant.scales).to(torch.float64).reshape(shape)
-                zero_points = logical_view(mm, quant.zero_points).to(torch.float64).reshape(shape)
-            row = 0
-            for block in row_blocks(view, COPY_CHUNK // 8):
-                values = block.to(torch.float64)
-                if scales is None or zero_points is None:
-                    values = (values - quant.zero_point) * quant.scale
-                elif quant.axis == 0:
-                    rows = slice(row, row + block.shape[0])
-                    values = (values - zero_points[rows]) * scales[rows]
-                else:
-                    values = (values - zero_points) * scales
-                row += block.shape[0]
-                part = values.to(out_dtype).contiguous()
-                yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
-                del part, values, block
-            del view, scales, zero_points
-        finally:
-            try:
-                mm.close()
-            except BufferError:  # a view is still referenced somewhere; the GC unmaps it
-                pass
+    with _mapped(src.storage.path) as mm:
+        view = logical_view(mm, src).reshape(src.shape or (1,))
+        scales = zero_points = None
+        if quant.scales is not None and quant.zero_points is not None:
+            shape = [1] * view.dim()
+            shape[quant.axis] = -1
+            scales = logical_view(mm, quant.scales).to(torch.float64).reshape(shape)
+            zero_points = logical_view(mm, quant.zero_points).to(torch.float64).reshape(shape)
+        row = 0
+        for block in row_blocks(view, COPY_CHUNK // 8):
+            values = block.to(torch.float64)
+            if scales is None or zero_points is None:
+                values = (values - quant.zero_point) * quant.scale
+            elif quant.axis == 0:
+                rows = slice(row, row + block.shape[0])
+                values = (values - zero_points[rows]) * scales[rows]
+            else:
+                values = (values - zero_points) * scales
+            row += block.shape[0]
+            yield _bytes_of(values.to(out_dtype).contiguous())
+            del values, block
+        del view, scales, zero_points
 
 
 def _iter_decoded(tensor: OutputTensor) -> Iterator[bytes]:
     """An encoded source (a GGUF quantisation) decoded a range of blocks at a time (about 1 MiB of
     float32 values), each cast to ``out_dtype``."""
-    import ctypes
-    import mmap
-
     import torch
 
     from .gguf_decoding import decoded_chunks  # numpy and gguf's decoders, loaded on use
 
     src = tensor.source
     out_dtype = getattr(torch, tensor.out_dtype)
-    with open(src.storage.path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            for values in decoded_chunks(mm, src, COPY_CHUNK // 4):
-                part = torch.from_numpy(values).to(out_dtype)
-                yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
-                del part, values
-        finally:
-            mm.close()
+    with _mapped(src.storage.path) as mm:
+        for values in decoded_chunks(mm, src, COPY_CHUNK // 4):
+            yield _bytes_of(torch.from_numpy(values).to(out_dtype))
+            del values
 
 
 def _iter_pieced(tensor: OutputTensor) -> Iterator[bytes]:
     """A stitched source (a torch.distributed.checkpoint tensor of several chunks): the whole
     tensor is assembled in memory, each piece's logical view copied into its slice, one piece
     (one file mapping) at a time; then written out in 1 MiB parts."""
-    import ctypes
-    import mmap
-    import warnings
-
     import torch
 
     from .tensor_views import logical_view
@@ -178,45 +182,28 @@ def _iter_pieced(tensor: OutputTensor) -> Iterator[bytes]:
         part = piece.info
         if part.numel == 0:
             continue
-        with open(part.storage.path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            try:
-                view = logical_view(mm, part).reshape(part.shape)
-                full[tuple(slice(o, o + n) for o, n in zip(piece.offsets, part.shape, strict=True))].copy_(view)
-                del view
-            finally:
-                mm.close()
+        with _mapped(part.storage.path) as mm:
+            view = logical_view(mm, part).reshape(part.shape)
+            full[tuple(slice(o, o + n) for o, n in zip(piece.offsets, part.shape, strict=True))].copy_(view)
+            del view
     flat = full.reshape(-1)
     step = max(1, COPY_CHUNK // flat.element_size())
     for start in range(0, flat.numel(), step):
-        block = flat[start : start + step]
-        yield ctypes.string_at(block.data_ptr(), block.numel() * block.element_size())
+        yield _bytes_of(flat[start : start + step])
 
 
 def _iter_via_torch(tensor: OutputTensor) -> Iterator[bytes]:
-    import ctypes
-    import mmap
-    import warnings
-
     import torch
 
     from .tensor_views import logical_view, row_blocks
 
     src = tensor.source
     out_dtype = getattr(torch, tensor.out_dtype)
-    with open(src.storage.path, "rb") as fh, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            view = logical_view(mm, src)
-            for block in row_blocks(view, COPY_CHUNK // src.itemsize):
-                part = block.to(out_dtype).contiguous()
-                yield ctypes.string_at(part.data_ptr(), part.numel() * part.element_size())
-                del part
-            del view, block
-        finally:
-            mm.close()
+    with _mapped(src.storage.path) as mm:
+        view = logical_view(mm, src)
+        for block in row_blocks(view, COPY_CHUNK // src.itemsize):
+            yield _bytes_of(block.to(out_dtype).contiguous())
+        del view, block
 
 
 def _copy_ranges(ranges: Sequence[tuple[str, int, int]], out_fd: int) -> None:

@@ -74,10 +74,9 @@ def pieced_stats(
     whole.nonzero = info.numel - zeros
     mean = whole.total / whole.n if whole.n else 0.0
     if whole.n:
-        scale = whole.hist_scale()  # the whole tensor's range: every piece bins alike
-        for p in pieces:
+        for p in pieces:  # binned over the whole tensor's range: every piece alike
             if p.acc.n:
-                shift, css, hist = _pass2(kernel, p, mean, whole.lo, scale, device)
+                shift, css, hist = _pass2(kernel, p, mean, whole, device)
                 f = p.plan.factor
                 whole.shift += shift * f
                 whole.css += css * f
@@ -95,20 +94,18 @@ def _pass1(kernel: kernel_engine.Kernel | None, acc: Accumulator, chunk: Chunk, 
 
 
 def _pass2(
-    kernel: kernel_engine.Kernel | None, p: _Piece, mean: float, lo: float, scale: float, device: str | None
+    kernel: kernel_engine.Kernel | None, p: _Piece, mean: float, whole: Accumulator, device: str | None
 ) -> tuple[float, float, list[int]]:
-    """One piece's sum of (x - mean), of (x - mean)^2, and histogram over the whole range."""
+    """One piece's sum of (x - mean), of (x - mean)^2, and histogram over ``whole``'s range."""
     chunks = zip(p.walker.chunks(), p.dirty, strict=True)
-    if kernel is not None:
+    if kernel is not None:  # the kernel engine's own pass 2, binning over the whole range
+        acc = Accumulator()
+        acc.lo, acc.hi = whole.lo, whole.hi
         counts = array("q", bytes(8 * HIST_BINS))
-        shift = css = 0.0
         for chunk, dirty in chunks:
-            n = chunk.values.numel()
-            s, c = kernel.pass2(chunk.buffer, n, chunk.values.dtype == torch.float64, dirty, mean, lo, scale, counts)
-            shift += s
-            css += c
-        return shift, css, counts.tolist()
-    where = device or "cpu"
+            kernel_engine._pass2(kernel, acc, chunk, dirty, mean, counts)
+        return acc.shift, acc.css, counts.tolist()
+    lo, scale, where = whole.lo, whole.hist_scale(), device or "cpu"
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=where)
     sums = torch.zeros(2, dtype=torch.float64, device=where)
     for chunk, dirty in chunks:

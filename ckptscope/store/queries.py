@@ -203,23 +203,19 @@ class CatalogueQueries:
             row.encoding,
             row.file_dtype,
             self._pieces_from_json(row.name, row.pieces),
-            quant_from_json(json.loads(row.quant), self._aux_from_json) if row.quant else None,
+            quant_from_json(json.loads(row.quant), self._part_from_json) if row.quant else None,
         )
 
-    def _aux_from_json(self, data: list[Any]) -> TensorInfo:
+    def _part_from_json(self, data: list[Any], name: str = "") -> TensorInfo:
+        """A part of a tensor row (a chunk, a scale tensor) as ``_part_to_json`` stored it."""
         dtype, shape, stride, soff, sha, off, nbytes, key = data
         storage = StorageRef(str(self.blobs.path_for(sha)), off, nbytes, key)
-        return TensorInfo("", dtype, tuple(shape), tuple(stride), soff, storage)
+        return TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, storage)
 
     def _pieces_from_json(self, name: str, text: str | None) -> tuple[Piece, ...]:
         if not text:
             return ()
-        pieces = []
-        for offsets, dtype, shape, stride, soff, sha, off, nbytes, key in json.loads(text):
-            storage = StorageRef(str(self.blobs.path_for(sha)), off, nbytes, key)
-            info = TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, storage)
-            pieces.append(Piece(tuple(offsets), info))
-        return tuple(pieces)
+        return tuple(Piece(tuple(row[0]), self._part_from_json(row[1:], name)) for row in json.loads(text))
 
     def tensor_page(
         self,
@@ -404,33 +400,19 @@ def _tensor_rows(key: str, listing: Listing, sha_of_path: dict[str, str]) -> lis
             "encoding": t.encoding,
             "file_dtype": t.file_dtype,
             "pieces": _pieces_to_json(t.pieces, sha_of_path) if t.pieces else None,
-            "quant": dumps(quant_to_json(t.quant, partial(_aux_to_json, sha_of_path))) if t.quant else None,
+            "quant": dumps(quant_to_json(t.quant, partial(_part_to_json, sha_of_path))) if t.quant else None,
         }
         for i, t in enumerate(listing.tensors)
     ]
 
 
-def _aux_to_json(sha_of_path: dict[str, str], t: TensorInfo) -> list[Any]:
-    """A helper tensor of a quantization (scales, zero points), naming its file by content hash."""
+def _part_to_json(sha_of_path: dict[str, str], t: TensorInfo) -> list[Any]:
+    """A part of a tensor row (a stitched tensor's chunk, a quantization's scales or zero points),
+    naming its file by content hash (as tensor rows do)."""
     s = t.storage
     return [t.dtype, list(t.shape), list(t.stride), t.storage_offset, sha_of_path[s.path], s.offset, s.nbytes, s.key]
 
 
 def _pieces_to_json(pieces: Sequence[Piece], sha_of_path: dict[str, str]) -> str:
-    """A stitched tensor's chunks, each naming its file by content hash (as tensor rows do)."""
-    return dumps(
-        [
-            [
-                list(p.offsets),
-                p.info.dtype,
-                list(p.info.shape),
-                list(p.info.stride),
-                p.info.storage_offset,
-                sha_of_path[p.info.storage.path],
-                p.info.storage.offset,
-                p.info.storage.nbytes,
-                p.info.storage.key,
-            ]
-            for p in pieces
-        ]
-    )
+    """A stitched tensor's chunks: each its offsets in the whole tensor, then the chunk."""
+    return dumps([[list(p.offsets), *_part_to_json(sha_of_path, p.info)] for p in pieces])

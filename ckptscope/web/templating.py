@@ -16,7 +16,6 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
-from ckptscope.stats import HIST_BINS
 from ckptscope.text import reveal
 from ckptscope.units import human_bytes, human_count
 
@@ -78,25 +77,6 @@ def fullnum(value: float | int | None) -> str:
     return repr(float(value))
 
 
-def histogram_bars(hist: list[int], width: int = 640, height: int = 160) -> list[dict[str, float]]:
-    """SVG bar geometry for a histogram (linear heights, at least 1px for non-empty bins)."""
-    top = max(hist) if hist else 0
-    bar = width / HIST_BINS
-    bars = []
-    for i, count in enumerate(hist):
-        h = 0.0 if top == 0 or count == 0 else max(1.0, height * count / top)
-        bars.append(
-            {
-                "x": round(i * bar, 2),
-                "y": round(height - h, 2),
-                "w": round(bar * 0.85, 2),
-                "h": round(h, 2),
-                "count": count,
-            }
-        )
-    return bars
-
-
 def reveal_controls(value: Any) -> Any:
     """Show invisible and bidirectional control characters (e.g. U+202E, which reverses the text
     after it, or zero-width spaces) as visible escapes, so attacker-chosen names cannot disguise
@@ -120,7 +100,7 @@ env = Environment(
     finalize=reveal_controls,
 )
 env.filters.update(human_bytes=human_bytes, human_count=human_count, num=num, colnum=colnum, fullnum=fullnum)
-env.globals.update(histogram_bars=histogram_bars, query=query, isfinite=math.isfinite, column_styles=column_styles)
+env.globals.update(query=query, isfinite=math.isfinite, column_styles=column_styles)
 
 
 def is_htmx(request: Request) -> bool:

@@ -65,8 +65,19 @@ def stats_ckptscope(path: str, device: str = "") -> dict:
     t = time.perf_counter()
     stats = compute_stats(ckpt.tensors, device=device or None)
     seconds = time.perf_counter() - t
+    insight_seconds = 0.0
+    try:  # the init verdicts and findings over the stats (absent in a baseline from before them)
+        from ckptscope.services.insights import analyse
+    except ImportError:
+        pass
+    else:
+        t = time.perf_counter()
+        analyse([(info, stats[info.name]) for info in ckpt.tensors])
+        insight_seconds = time.perf_counter() - t
     return {
-        "seconds": seconds,
+        "seconds": seconds + insight_seconds,
+        "insight_seconds": insight_seconds,
+        "percentiles": all(getattr(s, "percentiles", None) is not None for s in stats.values() if s.numel),
         "bytes": sum(x.nbytes for x in ckpt.tensors),
         "elements": sum(x.numel for x in ckpt.tensors),
         "checksum": sum(s.l2 or 0 for s in stats.values()),

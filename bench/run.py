@@ -30,11 +30,53 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def probe(task: str, *args: str) -> dict:
+BASELINE_REF = "743f50c"  # the last commit before issue 15 (percentiles, digests, init verdicts)
+
+
+def probe(task: str, *args: str, tree: Path = ROOT) -> dict:
+    """One measurement in a fresh process, with the code of ``tree`` (this checkout, or a baseline's)."""
+    env = os.environ | {"PYTHONPATH": str(tree)}
     out = subprocess.run(
-        [PY, "-m", "bench.probe", task, *args], capture_output=True, text=True, cwd=ROOT, check=True, timeout=1800
+        [PY, "-m", "bench.probe", task, *args],
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        check=True,
+        timeout=1800,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_tree(ref: str, workdir: Path) -> Path | None:
+    """The source of ``ref`` (git archive) with its C kernel built in place, to measure "today's"
+    engine beside this one in the same run; None where git or a compiler is missing."""
+    tree = workdir / f"baseline-{ref}"
+    if (tree / ".built").exists():
+        return tree
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        subprocess.run([PY, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline {ref}: {exc}", flush=True)
+        shutil.rmtree(tree, ignore_errors=True)
+        return None
+    (tree / ".built").touch()
+    return tree
+
+
+def measure_against(runs: int, baseline: Path, task: str, *args: str) -> tuple[dict, dict]:
+    """This checkout and the baseline, alternating in fresh processes (after a warm-up of each)."""
+    probe(task, *args)
+    probe(task, *args, tree=baseline)
+    ours, theirs = [], []
+    for _ in range(runs):
+        ours.append(probe(task, *args))
+        theirs.append(probe(task, *args, tree=baseline))
+    return summarise(ours), summarise(theirs)
 
 
 def measure(runs: int, task: str, *args: str, warm: bool = True) -> dict:
@@ -267,6 +309,10 @@ def run(args: argparse.Namespace) -> dict:
         "sum_pass_f32": measure(n, "sum_pass", str(files["f32"])),
         "naive_f32": measure(max(1, n // 2), "stats_naive", str(files["f32"])),
     }
+    baseline = baseline_tree(args.baseline_ref, Path(args.dir))
+    if baseline is not None:
+        ours, theirs = measure_against(n, baseline, "stats_ckptscope", str(files["f32"]))
+        r["stats"]["vs_baseline"] = {"ref": args.baseline_ref, "ours": ours, "baseline": theirs}
     if "f32x4" in files:
         r["stats"]["ckptscope_f32x4"] = measure(max(1, n // 2), "stats_ckptscope", str(files["f32x4"]))
     if r["machine"].get("gpu"):  # the optional CUDA path (CKPTSCOPE_STATS_DEVICE=cuda), reported apart
@@ -337,6 +383,19 @@ def report(r: dict) -> str:
         targets.append(
             ("peak RSS over baseline, 8 GB stats", "<= 250 MB", f"{x4['grown_mib']:.0f} MiB", x4["grown_mib"] <= 250)
         )
+    vs = S.get("vs_baseline")
+    if vs:
+        ratio = vs["ours"]["seconds"] / vs["baseline"]["seconds"]
+        grown = vs["ours"]["grown_mib"] - vs["baseline"]["grown_mib"]
+        targets += [
+            (
+                f"full stats + percentiles, digests, init verdicts vs `{vs['ref']}`, 2 GB",
+                "<= 1.3x",
+                f"{ratio:.2f}x",
+                ratio <= 1.3,
+            ),
+            ("… extra peak RSS", "within the 250 MB bound", f"{grown:+.0f} MiB", vs["ours"]["grown_mib"] <= 250),
+        ]
     targets += [
         (
             "20,000 small tensors, full stats",
@@ -388,7 +447,8 @@ def report(r: dict) -> str:
         lines.append(f"| 8 GB safetensors | {ms(L['ckptscope_f32x4']['seconds'])} | (size-independent) |")
     lines += [
         "",
-        "## Full statistics (mean, std, min, max, L2, zeros, NaN, Inf, 64-bin histogram)",
+        "## Full statistics (mean, std, min, max, L2, zeros, NaN, Inf, 64-bin histogram, exact percentiles,"
+        " log-magnitude histogram, digest; the 2 GB row also the init verdicts and findings)",
         "",
         "| what | time | throughput | peak RSS over baseline |",
         "|---|---|---|---|",
@@ -401,6 +461,13 @@ def report(r: dict) -> str:
         f"| ckptscope, 20,000 small tensors | {S['ckptscope_small']['seconds']:.3f} s | | "
         f"{S['ckptscope_small']['grown_mib']:.0f} MiB |",
     ]
+    if vs:
+        b = vs["baseline"]
+        lines.append(
+            f"| `{vs['ref']}` (before percentiles, digests, init verdicts), 2 GB fp32, alternating with this "
+            f"| {b['seconds']:.2f} s (this: {vs['ours']['seconds']:.2f} s) | {_gbps(b['bytes'], b['seconds']):.2f}"
+            f" GB/s | {b['grown_mib']:.0f} MiB |"
+        )
     if x4:
         lines.append(
             f"| ckptscope, 8 GB fp32 safetensors | {x4['seconds']:.2f} s | {_gbps(x4['bytes'], x4['seconds']):.2f}"
@@ -505,6 +572,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=str(ROOT / "bench-data"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref whose stats engine is measured beside")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--report-only", action="store_true", help="redraw the report from results.json")
     args = parser.parse_args()

@@ -20,6 +20,7 @@ from ckptscope.units import human_bytes
 
 if TYPE_CHECKING:
     from ckptscope.formats import Checkpoint
+    from ckptscope.insights.findings import Thresholds
 
 
 class _FileError(Exception):
@@ -135,7 +136,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         result = inspect_listing(
-            listing, root=args.root, with_stats=not args.no_stats, progress=progress_cb, device=args.device
+            listing,
+            root=args.root,
+            with_stats=not args.no_stats,
+            progress=progress_cb,
+            device=args.device,
+            thresholds=_thresholds(),
         )
     finally:
         if bar is not None:
@@ -145,6 +151,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")  # dumps: the C encoder
     else:
         _print_inspection(data)
+    return 0
+
+
+def _thresholds() -> Thresholds:
+    """The findings' thresholds (CKPTSCOPE_FINDINGS_THRESHOLDS, else the defaults)."""
+    from ckptscope.config import Settings
+
+    return Settings().findings_threshold_values
+
+
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from ckptscope.services.inspect import inspect_listing
+
+    listing = _open(args.path)
+    root = listing.resolve_root(args.root)
+    insights = inspect_listing(listing, root=root, device=args.device, thresholds=_thresholds()).insights()
+    if args.json:
+        sys.stdout.write(json.dumps({"root": root, **insights.to_json()}, allow_nan=False) + "\n")
+        return 0
+    for f in insights.findings:
+        _say(f"{f.severity:<7}  {f.rule:<23}  {f.target}: {f.message}")
+    counts = insights.modules[""].findings if "" in insights.modules else {}
+    summary = ", ".join(f"{n} {sev}" for sev, n in reversed(counts.items()) if n)  # errors first
+    _say(f"{len(insights.findings)} findings" + (f" ({summary})" if summary else ""), err=True)
     return 0
 
 
@@ -222,15 +252,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_copy(args: argparse.Namespace) -> int:
+    from ckptscope.services.identity import CopyNotVerified, verify_written
     from ckptscope.services.operations import copy_metadata, copy_report, output_format_for, write_checkpoint
 
     src = _open(args.source)
     dst = _open(args.target)
     source_root, target_root = src.resolve_root(args.source_root), dst.resolve_root(args.target_root)
     strict = not args.no_strict
-    report = copy_report(src.root_tensors(source_root), dst.root_tensors(target_root), _pairs(args.map), strict)
-    data = report.to_json()
+    source_tensors = src.root_tensors(source_root)
+    report = copy_report(source_tensors, dst.root_tensors(target_root), _pairs(args.map), strict)
     written = False
+    unverified: CopyNotVerified | None = None
     if not args.dry_run and (report.ok or not strict) and report.copied:
         if not args.output:
             raise Invalid("copy needs -o OUTPUT (or --dry-run)")
@@ -243,8 +275,17 @@ def _cmd_copy(args: argparse.Namespace) -> int:
             "strict": strict,
         }
         meta = copy_metadata(dst.metadata, fmt, provenance)
-        _write_atomically(args.output, lambda p: write_checkpoint(p, report.outputs, fmt, meta))
-        written = True
+
+        def write_and_verify(path: Path) -> None:  # read back before it replaces the output
+            write_checkpoint(path, report.outputs, fmt, meta)
+            verify_written(_open(str(path)), report, source_tensors, meta)
+
+        try:
+            _write_atomically(args.output, write_and_verify)
+            written = True
+        except CopyNotVerified as exc:
+            unverified = exc
+    data = report.to_json()
     if args.json:
         print(json.dumps({"written": written, "report": data}))
     else:
@@ -262,11 +303,30 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         for conflict in data["tied_conflicts"][:20]:
             names = " and ".join(f"{c['source']} -> {c['target']}" for c in conflict["sources"])
             _say(f"  tied conflict: {names} fill one storage; {conflict['winner']['target']} wins")
+        if data["verified"] is not None:
+            _say_verified(data["verified"])
         _say(f"wrote {args.output}" if written else "nothing written")
+    if unverified is not None:
+        _say(f"ckptscope: {unverified}", err=True)
+        return 1
     if not args.dry_run and not report.ok and strict:
         _say("ckptscope: strict copy refused (use --no-strict to copy what fits)", err=True)
         return 1
     return 0
+
+
+def _say_verified(verified: dict[str, Any]) -> None:
+    counts = verified["counts"]
+    if verified["ok"]:
+        _say(f"verified bit-exact: {counts['identical']} copied tensors read back identical to their sources")
+    else:
+        _say(f"VERIFICATION FAILED: {counts['mismatched']} written tensors differ from their sources")
+        for m in verified["mismatched"][:20]:
+            _say(f"  mismatch: {m['target']} (from {m['source']}): expected {m['expected']}, written {m['written']}")
+    for m in verified["modules"][:20]:
+        source, target = m["source"] or "(whole root)", m["target"] or "(whole root)"
+        how = "identical to" if m["identical"] else "not identical to"
+        _say(f"  module: target {target} is now {how} source {source}")
 
 
 def _cmd_freeze(args: argparse.Namespace) -> int:
@@ -306,6 +366,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     _say(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    identical = result["identical_modules"]
+    if identical:
+        shown = ", ".join(m or "(whole checkpoint)" for m in identical[:20])
+        _say(f"identical modules ({len(identical)}): {shown}{' ...' if len(identical) > 20 else ''}")
+    for moved in result["moved_modules"][:20]:
+        _say(f"identical module moved: {moved['a']} (A) = {moved['b']} (B)")
     for row in result["tensors"]:
         if row["status"] != "identical":
             extra = ""
@@ -315,6 +381,108 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                     f" cos {_fmt(row.get('cosine'))}"
                 )
             _say(f"{row['status']:>14}  {row['name']}{extra}")
+    return 0
+
+
+def _rules_from_file(path: str) -> list[str]:
+    from ckptscope.insights.rules import rules_file_lines
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _FileError(path, Invalid(f"cannot read the rules file: {reason}")) from None
+    return rules_file_lines(text)
+
+
+def _check_tensors(path: str, root: str | None, device: str | None) -> tuple[Any, str, list[Any]]:
+    from ckptscope.services.inspect import inspect_listing
+
+    listing = _open(path)
+    root = listing.resolve_root(root)
+    result = inspect_listing(listing, root=root, device=device)
+    stats = result.stats or {}
+    return listing, root, [(t, stats.get(t.name)) for t in result.tensors]
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ckptscope.config import Settings
+    from ckptscope.formats.model import module_types_under
+    from ckptscope.services.check import junit_xml, prepare, run_rules
+    from ckptscope.services.insights import analyse, thresholds_of
+
+    texts = list(args.rule) + (_rules_from_file(args.rules) if args.rules else [])
+    rules = prepare(texts, has_baseline=args.baseline is not None)  # a bad rule ends here, before any reading
+    listing, root, tensors = _check_tensors(args.path, args.root, args.device)
+    baseline = None
+    if args.baseline is not None:
+        baseline = _check_tensors(args.baseline, args.baseline_root, args.device)[2]
+    types = module_types_under(listing.module_types, root)
+    report = run_rules(
+        rules,
+        tensors,
+        baseline,
+        insights=lambda: analyse(tensors, thresholds_of(Settings()), module_types=types),
+        module_types=types,
+    )
+    if args.junit:
+        xml = junit_xml(report)
+        Path(args.junit).parent.mkdir(parents=True, exist_ok=True)  # a CI job's reports/ folder
+        _write_atomically(args.junit, lambda p: p.write_bytes(xml))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json(), allow_nan=False) + "\n")
+    else:
+        for r in report.results:
+            _say(f"{'PASS' if r.passed else 'FAIL'}  {r.rule}: {r.detail}")
+            for name in r.offenders[:20]:
+                _say(f"        {name}")
+            if r.offender_count > min(len(r.offenders), 20):
+                _say(f"        ... and {r.offender_count - min(len(r.offenders), 20)} more")
+        failed = sum(not r.passed for r in report.results)
+        _say(f"{len(report.results) - failed} passed, {failed} failed")
+    return 0 if report.passed else 1
+
+
+def _listed_tensor(args: argparse.Namespace) -> Any:
+    """The TENSOR argument's TensorInfo in PATH (under --root)."""
+    from ckptscope.errors import NotFound
+
+    listing = _open(args.path)
+    root = listing.resolve_root(args.root)
+    for info in listing.root_tensors(root):
+        if info.name == args.tensor:
+            return info
+    raise NotFound(f"no tensor named {args.tensor!r} under root {root!r}")
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from ckptscope.services.previews import describe, parse_index, render_preview
+
+    info = _listed_tensor(args)
+    image = render_preview(info, args.reduce, parse_index(args.index))
+    _write_atomically(args.output, lambda p: p.write_bytes(image.png))
+    _say(f"wrote {args.output} ({image.width} x {image.height}): {describe(image.preview.plan, image.preview.reduce)}")
+    return 0
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from ckptscope.config import Settings
+    from ckptscope.services.previews import spectrum_for, stats_device
+
+    info = _listed_tensor(args)
+    spectrum = spectrum_for(info, stats_device(args.device if args.device is not None else Settings().stats_device))
+    data = spectrum.to_json()
+    if args.json:
+        print(json.dumps({"name": info.name, **data}, allow_nan=False))
+        return 0
+    rows, cols = spectrum.shape
+    where = f"{spectrum.dtype} on {spectrum.device}"
+    _say(f"{info.name}: {rows} x {cols} matrix, {spectrum.count} singular values ({where})")
+    _say(f"sigma max       {spectrum.sigma_max:.6g}")
+    _say(f"stable rank     {spectrum.stable_rank:.6g}")
+    _say(f"effective rank  {spectrum.effective_rank:.6g}")
+    shown = ", ".join(f"{v:.4g}" for v in spectrum.values[:8])
+    _say(f"largest         {shown}{', ...' if spectrum.count > 8 else ''}")
     return 0
 
 
@@ -388,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="compute stats on this torch device (cuda, auto) instead of the CPU kernel"
     )
     p.set_defaults(func=_cmd_inspect)
+    fi = sub.add_parser("findings", help="diagnose a checkpoint: NaN/Inf, spikes, variance and norm outliers, ...")
+    fi.add_argument("path")
+    fi.add_argument("--root", default=None, help="key path of the tensor dict to check (nested checkpoints)")
+    fi.add_argument("--json", action="store_true", help="print JSON: findings, module roll-ups, thresholds")
+    fi.add_argument("--device", default=None, help="compute stats on this torch device (cuda, auto)")
+    fi.set_defaults(func=_cmd_findings)
     e = sub.add_parser("export", help="write selected modules as a new checkpoint (bytes streamed)")
     e.add_argument("path")
     e.add_argument("-o", "--output", required=True)
@@ -430,6 +604,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--b-root", default=None)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_diff)
+    ck = sub.add_parser(
+        "check",
+        help="gate a CI pipeline: check rules on a checkpoint (exit 0 all pass, 1 any fails, 2 unreadable/usage)",
+    )
+    ck.add_argument("path")
+    ck.add_argument("--baseline", default=None, help="checkpoint to compare with (changed-only=, unchanged=)")
+    ck.add_argument(
+        "--rule", action="append", default=[], metavar="RULE", help="e.g. no-nan, max-abs<=100 (repeatable)"
+    )
+    ck.add_argument("--rules", default=None, metavar="FILE", help="a file of rules, one a line, # comments")
+    ck.add_argument("--root", default=None)
+    ck.add_argument("--baseline-root", default=None)
+    ck.add_argument("--json", action="store_true")
+    ck.add_argument("--junit", default=None, metavar="FILE", help="also write the results as JUnit XML")
+    ck.add_argument("--device", default=None, help="compute stats on this torch device (cuda, auto)")
+    ck.set_defaults(func=_cmd_check)
+    pv = sub.add_parser("preview", help="draw a tensor as a PNG: heatmap (2-D), line plot (1-D), or a slice")
+    pv.add_argument("path")
+    pv.add_argument("tensor")
+    pv.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    pv.add_argument(
+        "--reduce", choices=["mean", "absmax"], default="mean", help="cells: block mean or value of largest magnitude"
+    )
+    pv.add_argument("--index", default=None, help="leading indices of the slice to draw, e.g. 0,3")
+    pv.add_argument("--root", default=None)
+    pv.set_defaults(func=_cmd_preview)
+    sp = sub.add_parser("spectrum", help="singular values, stable rank and effective rank of a 2-D (or conv) tensor")
+    sp.add_argument("path")
+    sp.add_argument("tensor")
+    sp.add_argument("--root", default=None)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--device", default=None, help="torch device for the SVD (cuda, auto); default: the stats device")
+    sp.set_defaults(func=_cmd_spectrum)
     s = sub.add_parser("serve", help="start the web server")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)

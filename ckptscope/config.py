@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ckptscope.formats.sandbox import Limits
+from ckptscope.insights.findings import Thresholds, load_thresholds
 
 _DEVICE = re.compile(r"^(|host|auto|cpu|cuda(:\d+)?)$")
 _HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
@@ -60,6 +61,7 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(12 * 3600.0, gt=0)  # browser logins (CKPTSCOPE_API_TOKEN) expire after this
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    findings_thresholds: Path | None = None  # JSON object overriding the findings' thresholds (README "Findings")
 
     @field_validator("stats_device")
     @classmethod
@@ -73,6 +75,18 @@ class Settings(BaseSettings):
     def _host_names(cls, value: str) -> str:
         parse_allowed_hosts(value)
         return value
+
+    @field_validator("findings_thresholds")
+    @classmethod
+    def _thresholds_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_thresholds(value)  # a bad file is refused at startup, with the reason
+        return value
+
+    @property
+    def findings_threshold_values(self) -> Thresholds:
+        """The findings' thresholds: the defaults, overridden by CKPTSCOPE_FINDINGS_THRESHOLDS."""
+        return Thresholds() if self.findings_thresholds is None else load_thresholds(self.findings_thresholds)
 
     @property
     def allowed_host_names(self) -> frozenset[str] | None:

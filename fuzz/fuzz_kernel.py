@@ -9,19 +9,31 @@ bytearray, an array, a read-only, misaligned, non-contiguous or wrongly typed vi
 (or first) bytes of a mapping next to a PROT_NONE page, so a read or write one byte past either end
 faults at once even without ASan; the count exact, off by a few, negative, huge, wrapping
 ``count * itemsize`` round to the buffer's length, or not an int; ``pass2``'s mean/lo/scale from
-the values (as the engine computes them) or arbitrary (NaN, Inf, negative, out-of-range ints); the
-histogram the right size or not, writable or not, misaligned (refused: int64 counts are stored
-through an ``int64_t *``), strided, aliasing the values, inside canary bytes.
+the values (as the engine computes them) or arbitrary (NaN, Inf, negative, out-of-range ints). The
+count buffers (pass 1's 65536 ``keys``, pass 2's 64-bin histogram and its ``sub`` counts) come the
+right size or not, writable or not, misaligned (refused: int64 counts are stored through an
+``int64_t *``), strided, inside canary bytes or against a guard page, starting at zero or at
+counts up to 2**40 (adding to counts near 2**63 would overflow int64, which the kernel does not
+check). Pass 2's ``lut`` is empty (no percentiles), 65536 bytes marking bins the values fall in
+(or any others) with small wanted-bin numbers (or large ones, up to 255), or the wrong size;
+``out`` empty (count into ``sub``), room for exactly the wanted values, one too few (overflow),
+more, not a whole number of values, misaligned, read-only; ``collected`` the values already there,
+-1, out of range or not an int.
 
-A call must return or raise ValueError/TypeError/OverflowError (or, for a strided values view, the
-BufferError CPython's argument parsing passes on), and it must return exactly when the arguments
-are valid (returning for a buffer shorter than ``count`` values means it read past it). The
-histogram starts at zero or at counts up to 2**40 (adding to counts near 2**63 would overflow
-int64, which the kernel does not check). A returned result must match a plain-Python reference:
-pass 1's counts, min and max exactly, its sum within rounding; pass 2's histogram bin for bin (so
-the counts add up to the values added and none is negative), its centred sums within rounding.
-The values buffer is never written, the histogram only by a call that returns, the canaries never.
-Anything else is a finding: the harness raises and libFuzzer saves the input.
+A call must return or raise ValueError/TypeError/OverflowError (or, for a strided values or lut
+view, the BufferError CPython's argument parsing passes on for ``y*``), and it must return exactly
+when the arguments are valid (returning for a buffer shorter than ``count`` values means it read
+past it). A returned result must match a plain-Python reference: pass 1's counts, min and max
+exactly, its sum within rounding, its key counts bin for bin (the key: the value's bits with the
+sign folded, negative -> every bit flipped, positive -> the sign bit set; its top 16 bits); pass 2's
+histogram bin for bin (so the counts add up to the values added and none is negative), its centred
+sums within rounding, and the wanted values (those whose key bin the lut marks, in order, skipping
+NaN and Inf when ``dirty``): bit for bit after the ``collected`` already in ``out`` (which stay
+untouched), the count -1 exactly when they do not fit; or counted into ``sub`` at
+``(t - 1) * 65536 +`` the next 16 key bits. The values buffer and the lut are never written, the
+count buffers and ``out`` only by a call that returns (``out`` only past ``collected``, ``sub``
+only when counting), the canaries never. Anything else is a finding: the harness raises and
+libFuzzer saves the input.
 
 The kernel module is C, which atheris does not instrument (that needs ``-fsanitize=fuzzer``); the
 harness's own branches (which the kernel's answers steer) are, and ``fuzz/sanitized_kernel.py``
@@ -35,13 +47,16 @@ import ctypes
 import math
 import mmap
 import os
+import re
 import sys
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar, cast
 
-import atheris
+import atheris  # type: ignore[import-untyped]
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -49,6 +64,12 @@ if str(ROOT) not in sys.path:
 
 BINS = 64
 HIST_BYTES = BINS * 8
+KEY_BINS = 65536  # pass 1's key counts; the lut's size; one wanted bin's sub-bin counts
+KEY_BYTES = KEY_BINS * 8
+SUB_MOST = 3  # the most wanted bins a lut marks when counting into sub (3 * 512 KiB of counts)
+# the most bins a lut may mark (more: ValueError), as _kernel.c defines it
+_WANTED = re.search(rb"#define MAX_WANTED (\d+)", (ROOT / "ckptscope" / "stats" / "_kernel.c").read_bytes())
+MAX_WANTED = int(_WANTED.group(1)) if _WANTED else 18
 MAX_VALUES = 8192  # four of the kernel's 2048-value blocks
 PAGE = mmap.PAGESIZE
 NAN, INF = math.nan, math.inf
@@ -67,6 +88,14 @@ EXPECTED = (ValueError, TypeError, OverflowError)
 STRIDED_VALUES = BufferError
 SSIZE_MAX = 2**63 - 1
 CANARY = 0xA5
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def instrument(func: F) -> F:
+    """``atheris.instrument_func``, typed (atheris ships no stubs)."""
+    return cast(F, atheris.instrument_func(func))
 
 
 class Finding(AssertionError):
@@ -116,6 +145,10 @@ class Guarded:
 
 GUARDED_VALUES = Guarded(MAX_VALUES * 8 + 8)
 GUARDED_HIST = Guarded(HIST_BYTES + 64)
+GUARDED_KEYS = Guarded(KEY_BYTES + 64)
+GUARDED_LUT = Guarded(KEY_BINS + 64)
+GUARDED_OUT = Guarded((MAX_VALUES + 2048 + 16) * 8)  # the most make_out asks for
+GUARDED_SUB = Guarded(SUB_MOST * KEY_BYTES + 64)
 
 
 def raw_bytes(obj: Any) -> bytes | None:
@@ -135,17 +168,29 @@ def is_contiguous_buffer(obj: Any, writable: bool) -> bool:
         return False
 
 
-def aligned_for_int64(obj: Any) -> bool:
-    """Whether a writable buffer starts at an address int64 counts may live at (the kernel
-    refuses a histogram that does not)."""
+def address_of(obj: Any) -> int | None:
+    """Where a C-contiguous buffer starts, even an empty one (None: not one)."""
     try:
-        pin = ctypes.c_char.from_buffer(obj)
-    except (TypeError, ValueError):
-        return False
+        view = memoryview(obj)
+    except TypeError:
+        return None
     try:
-        return ctypes.addressof(pin) % 8 == 0
+        if not view.c_contiguous:
+            return None
+        with view.cast("B") as flat:
+            pinned = np.frombuffer(flat, dtype=np.uint8)
+            address = int(pinned.ctypes.data)
+            del pinned
+            return address
     finally:
-        del pin
+        view.release()
+
+
+def aligned_for_int64(obj: Any) -> bool:
+    """Whether a buffer starts at an address int64 counts may live at (the kernel refuses count
+    buffers that do not, even empty ones)."""
+    address = address_of(obj)
+    return address is not None and address % 8 == 0
 
 
 def as_float(x: Any) -> float | None:
@@ -175,12 +220,12 @@ def f32(values: list[float]) -> list[float]:
 # --- decoding one input into a call -------------------------------------------------------------
 
 
-@atheris.instrument_func
+@instrument
 def make_values(fdp: atheris.FuzzedDataProvider, is_double: bool) -> bytes:
     item = 8 if is_double else 4
     mode = fdp.ConsumeIntInRange(0, 2)
     if mode == 0:  # raw bit patterns: every NaN payload, denormal, odd length
-        raw = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 512))
+        raw = bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 512)))
     else:
         values = []
         for _ in range(fdp.ConsumeIntInRange(0, 48)):
@@ -191,13 +236,13 @@ def make_values(fdp: atheris.FuzzedDataProvider, is_double: bool) -> bytes:
             else:
                 values.append(fdp.ConsumeFloat())
         raw = array("d" if is_double else "f", values).tobytes()
-    repeat = fdp.PickValueInList(REPEATS)
+    repeat = int(fdp.PickValueInList(REPEATS))
     if raw and len(raw) * repeat > MAX_VALUES * item:
         repeat = max(1, MAX_VALUES * item // len(raw))
     return raw * repeat
 
 
-@atheris.instrument_func
+@instrument
 def make_buffer(fdp: atheris.FuzzedDataProvider, raw: bytes, is_double: bool) -> Any:
     kind = fdp.ConsumeIntInRange(0, 11)
     if kind == 0:
@@ -232,7 +277,7 @@ def make_buffer(fdp: atheris.FuzzedDataProvider, raw: bytes, is_double: bool) ->
     return bytes(raw) if fdp.ConsumeBool() else bytearray(raw)
 
 
-@atheris.instrument_func
+@instrument
 def make_count(fdp: atheris.FuzzedDataProvider, nbytes: int, item: int) -> Any:
     exact = nbytes // item
     kind = fdp.ConsumeIntInRange(0, 9)
@@ -251,7 +296,7 @@ def make_count(fdp: atheris.FuzzedDataProvider, nbytes: int, item: int) -> Any:
     return -fdp.ConsumeIntInRange(1, 2**40)
 
 
-@atheris.instrument_func
+@instrument
 def make_float(fdp: atheris.FuzzedDataProvider, natural: float) -> Any:
     kind = fdp.ConsumeIntInRange(0, 7)
     if kind <= 3:
@@ -265,8 +310,8 @@ def make_float(fdp: atheris.FuzzedDataProvider, natural: float) -> Any:
     return fdp.PickValueInList(INVALID_OBJECTS + [complex(1, 1)])
 
 
-class Hist:
-    """The histogram argument, and where its bytes and canaries are to be checked afterwards."""
+class Region:
+    """One buffer argument, and where its bytes and canaries are to be checked afterwards."""
 
     def __init__(self, obj: Any, holder: Any = None, inside: tuple[int, int] | None = None) -> None:
         self.obj = obj
@@ -275,6 +320,9 @@ class Hist:
         self.before = raw_bytes(obj)
         self.holder_before = bytes(holder) if holder is not None else None
 
+    def unchanged(self) -> bool:
+        return raw_bytes(self.obj) == self.before
+
     def canaries_intact(self) -> bool:
         if self.holder is None or self.inside is None or self.holder_before is None:
             return True
@@ -282,39 +330,176 @@ class Hist:
         now = bytes(self.holder)
         return now[:a] == self.holder_before[:a] and now[b:] == self.holder_before[b:]
 
+    def writable_counts(self, bins: int) -> bool:
+        """Whether the kernel must take it as ``bins`` int64 counts (w*, exact size, aligned)."""
+        return (
+            is_contiguous_buffer(self.obj, True) and len(self.before or b"") == bins * 8 and aligned_for_int64(self.obj)
+        )
 
-@atheris.instrument_func
-def make_hist(fdp: atheris.FuzzedDataProvider, values: Any) -> Hist:
+
+def in_canaries(fdp: atheris.FuzzedDataProvider, initial: bytes, misalign: bool) -> Region:
+    before = fdp.ConsumeIntInRange(0, 15) if misalign else 16
+    holder = bytearray([CANARY]) * (before + len(initial) + 16)
+    holder[before : before + len(initial)] = initial
+    return Region(memoryview(holder)[before : before + len(initial)], holder, (before, before + len(initial)))
+
+
+@instrument
+def make_counts(fdp: atheris.FuzzedDataProvider, bins: int, guarded: Guarded, values: Any = None) -> Region:
+    """A buffer for ``bins`` int64 counts (pass 1's keys, pass 2's histogram and sub counts):
+    mostly right, often not."""
+    if bins == 0:
+        return Region(bytearray() if fdp.ConsumeBool() else memoryview(bytearray(8))[8:])
     if fdp.ConsumeIntInRange(0, 3) == 0:
-        start = array("q", [fdp.ConsumeIntInRange(0, 2**40) for _ in range(BINS)])
+        if bins <= BINS:
+            start = array("q", [fdp.ConsumeIntInRange(0, 2**40) for _ in range(bins)])
+        else:  # a few bins started, the rest at one base count
+            start = array("q", [fdp.ConsumeIntInRange(0, 2**40)]) * bins
+            for _ in range(fdp.ConsumeIntInRange(0, 8)):
+                start[fdp.ConsumeIntInRange(0, bins - 1)] = fdp.ConsumeIntInRange(0, 2**40)
     else:
-        start = array("q", bytes(HIST_BYTES))
+        start = array("q", bytes(bins * 8))
     initial = start.tobytes()
     kind = fdp.ConsumeIntInRange(0, 12)
     if kind <= 2:
-        return Hist(start)
+        return Region(start)
     if kind in (3, 4):  # inside canaries, maybe misaligned
-        before = fdp.ConsumeIntInRange(0, 15) if kind == 4 else 16
-        holder = bytearray([CANARY]) * (before + HIST_BYTES + 16)
-        holder[before : before + HIST_BYTES] = initial
-        return Hist(memoryview(holder)[before : before + HIST_BYTES], holder, (before, before + HIST_BYTES))
+        return in_canaries(fdp, initial, misalign=kind == 4)
     if kind in (5, 6):  # against a guard page
-        return Hist(GUARDED_HIST.holding(initial, at_end=kind == 5))
+        return Region(guarded.holding(initial, at_end=kind == 5))
     if kind == 7:  # the wrong size, inside canaries
-        size = fdp.ConsumeIntInRange(0, HIST_BYTES + 16)
+        size = fdp.PickValueInList([0, 8, bins * 8 - 8, bins * 8 - 1, bins * 8 + 1, bins * 8 + 8])
+        size = size if size >= 0 else 0
         holder = bytearray([CANARY]) * (size + 32)
-        return Hist(memoryview(holder)[16 : 16 + size], holder, (16, 16 + size))
+        return Region(memoryview(holder)[16 : 16 + size], holder, (16, 16 + size))
     if kind == 8:
-        return Hist(array("q", [0] * fdp.PickValueInList([0, 1, 63, 65, 128])))
+        return Region(array("q", [0] * fdp.PickValueInList([0, 1, bins - 1, bins + 1, 2 * bins])))
     if kind == 9:  # read-only
-        return Hist(bytes(initial) if fdp.ConsumeBool() else memoryview(bytearray(initial)).toreadonly())
-    if kind == 10:  # strided: 64 int64 slots, every other one
-        return Hist(memoryview(bytearray(initial * 2)).cast("q")[::2])
-    if kind == 11:  # the values buffer itself
-        return Hist(values)
+        return Region(bytes(initial) if fdp.ConsumeBool() else memoryview(bytearray(initial)).toreadonly())
+    if kind == 10:  # strided: the slots, every other one
+        return Region(memoryview(bytearray(initial * 2)).cast("q")[::2])
+    if kind == 11 and values is not None:  # the values buffer itself
+        return Region(values)
     if fdp.ConsumeBool():
-        return Hist(array("d", bytes(HIST_BYTES)))  # 512 bytes of another type: valid
-    return Hist(fdp.PickValueInList(INVALID_OBJECTS))
+        return Region(array("d", bytes(bins * 8)))  # the right size in another type: valid
+    return Region(fdp.PickValueInList(INVALID_OBJECTS))
+
+
+# --- pass 2's wanted key bins -------------------------------------------------------------------
+
+
+def key_bins(snapshot: bytes, is_double: bool) -> tuple[list[int], list[int], list[bool]]:
+    """The top and the next 16 bits of each value's order-preserving key, and whether it is
+    finite: from the value's bits (negative: every bit flipped, positive: the sign bit set)."""
+    if is_double:
+        bits = array("Q", snapshot).tolist()
+        keys = [b ^ 0xFFFFFFFFFFFFFFFF if b >> 63 else b | 1 << 63 for b in bits]
+        finite = [(b >> 52) & 0x7FF != 0x7FF for b in bits]
+        return [k >> 48 for k in keys], [(k >> 32) & 0xFFFF for k in keys], finite
+    bits = array("I", snapshot).tolist()
+    keys = [b ^ 0xFFFFFFFF if b >> 31 else b | 1 << 31 for b in bits]
+    finite = [(b >> 23) & 0xFF != 0xFF for b in bits]
+    return [k >> 16 for k in keys], [k & 0xFFFF for k in keys], finite
+
+
+@instrument
+def check_keys(keys: Region, tops: list[int]) -> None:
+    """pass1 added one count to each value's top-16 key bin, nothing else."""
+    want = array("q", keys.before or b"")
+    for top in tops:
+        want[top] += 1
+    after = raw_bytes(keys.obj) or b""
+    if after != want.tobytes():
+        got = array("q", after)
+        wrong = [(b, got[b], want[b]) for b in range(KEY_BINS) if got[b] != want[b]][:8]
+        raise Finding(f"pass1 key counts wrong at (bin, got, expected) {wrong}")
+
+
+@instrument
+def make_lut(fdp: atheris.FuzzedDataProvider, tops: list[int]) -> Region:
+    kind = fdp.ConsumeIntInRange(0, 9)  # 0 (all an exhausted input gives): a valid lut
+    if kind == 7:
+        return Region(fdp.PickValueInList([b"", bytearray(), memoryview(b"")]))  # no percentiles
+    if kind == 8:  # the wrong size
+        size = fdp.PickValueInList([1, 255, KEY_BINS - 1, KEY_BINS + 1, 2 * KEY_BINS])
+        return Region(bytes([1]) * size)
+    if kind == 9:
+        return Region(fdp.PickValueInList(INVALID_OBJECTS))
+    lut = bytearray(KEY_BINS)
+    if kind == 4 and fdp.ConsumeBool():  # about as many wanted bins as the kernel takes
+        many = fdp.PickValueInList([MAX_WANTED - 1, MAX_WANTED, MAX_WANTED + 1, 255, 256, 1000])
+        step = KEY_BINS // many
+        for i in range(many):
+            lut[i * step + fdp.ConsumeIntInRange(0, step - 1)] = 1
+    big = kind == 6  # wanted-bin numbers past what a sub buffer here holds (up to 255)
+    for _ in range(fdp.ConsumeIntInRange(0 if kind == 5 else 1, MAX_WANTED + 2)):  # 5: maybe none
+        if tops and fdp.ConsumeIntInRange(0, 3) != 3:  # a bin some values fall in
+            b = fdp.PickValueInList(tops)
+        else:
+            b = fdp.ConsumeIntInRange(0, KEY_BINS - 1)
+        lut[b] = fdp.ConsumeIntInRange(1, 255) if big else fdp.ConsumeIntInRange(1, SUB_MOST)
+    shape = fdp.ConsumeIntInRange(0, 6)
+    if shape == 0:
+        return Region(bytearray(lut))
+    if shape == 1:
+        return Region(memoryview(bytearray(lut)).toreadonly())
+    if shape == 2:  # misaligned
+        holder = bytearray(3) + lut
+        return Region(memoryview(holder)[3:])
+    if shape == 3:
+        return Region(GUARDED_LUT.holding(bytes(lut), at_end=fdp.ConsumeBool()))
+    if shape == 4:  # strided (y*: BufferError)
+        return Region(memoryview(bytes(lut) * 2)[::2])
+    return Region(bytes(lut))
+
+
+def fill(n: int) -> bytes:
+    """A recognisable pattern of ``n`` bytes for the collection buffer's old contents."""
+    return (b"\x5a\xc3\x3c\xa5" * (n // 4 + 1))[:n]
+
+
+@instrument
+def make_out(fdp: atheris.FuzzedDataProvider, prefix: int, wanted: int, item: int) -> Region:
+    """The collection buffer: ``prefix`` values already there, room for the ``wanted`` ones or
+    not."""
+    kind = (fdp.ConsumeIntInRange(0, 12) + 4) % 13  # an exhausted input: room, in canaries
+    if kind <= 2:  # count into sub instead
+        return Region(bytearray() if kind < 2 else memoryview(bytearray(8))[8:])
+    delta = fdp.PickValueInList([0, 0, 0, 1, 7, 2048, -1, -1, -2, -wanted])
+    cap = max(0, prefix + wanted + delta)
+    nbytes = cap * item
+    if kind == 3:  # not a whole number of values
+        nbytes += fdp.ConsumeIntInRange(1, item - 1)
+    initial = fill(nbytes)
+    if kind in (3, 4, 5):  # inside canaries, maybe misaligned (the kernel stores with memcpy)
+        return in_canaries(fdp, initial, misalign=kind == 5)
+    if kind in (6, 7):
+        return Region(GUARDED_OUT.holding(initial, at_end=kind == 6))
+    if kind == 8:  # read-only
+        return Region(bytes(initial))
+    if kind == 9:  # strided (w*: TypeError)
+        return Region(memoryview(bytearray(initial * 2))[::2])
+    if kind == 10:
+        return Region(fdp.PickValueInList(INVALID_OBJECTS))
+    if kind == 11 and nbytes % 8 == 0:  # an array of some type
+        return Region(array("d" if fdp.ConsumeBool() else "f", initial))
+    return Region(bytearray(initial))
+
+
+@instrument
+def make_collected(fdp: atheris.FuzzedDataProvider, prefix: int, cap: int) -> Any:
+    kind = fdp.ConsumeIntInRange(0, 9)
+    if kind <= 4:
+        return prefix
+    if kind == 5:
+        return -1
+    if kind == 6:
+        return fdp.PickValueInList([cap, cap + 1, -2, 0])
+    if kind == 7:
+        return fdp.ConsumeIntInRange(-(2**63), SSIZE_MAX)
+    if kind == 8:
+        return fdp.PickValueInList([2**63, -(2**63) - 1, float(prefix), None, True, str(prefix)])
+    return fdp.ConsumeIntInRange(-3, cap + 3)
 
 
 # --- the reference ------------------------------------------------------------------------------
@@ -397,10 +582,13 @@ def check_pass2(
 # --- one input ----------------------------------------------------------------------------------
 
 
-def allowed(exc: BaseException, buffer: Any) -> bool:
+def allowed(exc: BaseException, *read_only_buffers: Any) -> bool:
+    """An exception a refused call may raise (BufferError only from a strided ``y*`` argument)."""
     if isinstance(exc, EXPECTED):
         return True
-    return isinstance(exc, STRIDED_VALUES) and isinstance(buffer, memoryview) and not buffer.c_contiguous
+    return isinstance(exc, STRIDED_VALUES) and any(
+        isinstance(b, memoryview) and not b.c_contiguous for b in read_only_buffers
+    )
 
 
 def values_valid(buffer: Any, count: Any, item: int) -> tuple[bool, bytes | None]:
@@ -410,7 +598,76 @@ def values_valid(buffer: Any, count: Any, item: int) -> tuple[bool, bytes | None
     return bool(ok and n is not None and data is not None and n * item == len(data)), data
 
 
-@atheris.instrument_func
+@instrument
+def call_pass1(fdp: atheris.FuzzedDataProvider, buffer: Any, count: Any, is_double: bool, valid: bool) -> None:
+    snapshot = raw_bytes(buffer)
+    vals = array("d" if is_double else "f", snapshot).tolist() if valid and snapshot is not None else []
+    keys = make_counts(fdp, KEY_BINS, GUARDED_KEYS)
+    valid1 = valid and keys.writable_counts(KEY_BINS)
+    try:
+        result = KERNEL.pass1(buffer, count, is_double, keys.obj)
+    except Exception as exc:
+        if not allowed(exc, buffer):
+            raise
+        if valid1:
+            raise Finding(f"pass1 refused a valid call: {type(exc).__name__}: {exc}") from exc
+        if not keys.unchanged():
+            raise Finding("pass1 wrote into the key counts of a call it refused") from exc
+    else:
+        if not valid1:
+            raise Finding(f"pass1 returned {result!r} for an invalid call (count {count!r})")
+        check_pass1(result, vals)
+        check_keys(keys, key_bins(snapshot or b"", is_double)[0])
+    if not keys.canaries_intact():
+        raise Finding("pass1 wrote outside the key counts buffer")
+    if raw_bytes(buffer) != snapshot:
+        raise Finding("pass1 wrote into the values buffer")
+
+
+@instrument
+def check_percentiles(
+    got: Any, lut: bytes, wanted: list[int], snapshot: bytes, item: int, keys: tuple[list[int], list[int]],
+    out: Region, collected: int, sub: Region,
+) -> None:  # fmt: skip
+    """The wanted values copied into ``out`` after ``collected`` (or -1), or counted into ``sub``."""
+    if not lut:
+        if got != collected or not out.unchanged() or not sub.unchanged():
+            raise Finding(f"pass2 with no lut returned collected {got!r} (passed {collected}) or wrote out/sub")
+        return
+    before = out.before or b""
+    if before:  # collect
+        if not sub.unchanged():
+            raise Finding("pass2 counted into sub while collecting into out")
+        cap = len(before) // item
+        want = -1 if collected == -1 or collected + len(wanted) > cap else collected + len(wanted)
+        if got != want:
+            raise Finding(
+                f"pass2 collected {got!r}, expected {want} ({len(wanted)} wanted, {collected} of {cap} there)"
+            )
+        after = raw_bytes(out.obj) or b""
+        if collected == -1 and after != before:
+            raise Finding("pass2 wrote into out after an earlier overflow (collected -1)")
+        kept = max(collected, 0) * item
+        if after[:kept] != before[:kept]:
+            raise Finding(f"pass2 overwrote the {collected} values already collected")
+        if want >= 0:
+            expected = b"".join(snapshot[i * item : (i + 1) * item] for i in wanted)
+            if after[kept : want * item] != expected:
+                raise Finding(f"pass2 collected values {after[kept : want * item]!r}, expected {expected!r}")
+        return
+    if got != collected:
+        raise Finding(f"pass2 counting into sub returned collected {got!r}, passed {collected}")
+    counts = array("q", sub.before or b"")
+    tops, nexts = keys
+    for i in wanted:
+        counts[(lut[tops[i]] - 1) * KEY_BINS + nexts[i]] += 1
+    if (raw_bytes(sub.obj) or b"") != counts.tobytes():
+        now = array("q", raw_bytes(sub.obj) or b"")
+        wrong = [(j, now[j], counts[j]) for j in range(len(counts)) if now[j] != counts[j]][:8]
+        raise Finding(f"pass2 sub counts wrong at (index, got, expected) {wrong}")
+
+
+@instrument
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     second = fdp.ConsumeBool()
@@ -420,23 +677,10 @@ def test_one_input(data: bytes) -> None:
     buffer = make_buffer(fdp, raw, is_double)
     count = make_count(fdp, len(raw_bytes(buffer) or b""), item)
     valid, snapshot = values_valid(buffer, count, item)
-    vals = array("d" if is_double else "f", snapshot).tolist() if valid and snapshot is not None else []
-
     if not second:
-        try:
-            result = KERNEL.pass1(buffer, count, is_double)
-        except Exception as exc:
-            if not allowed(exc, buffer):
-                raise
-            if valid:
-                raise Finding(f"pass1 refused a valid call: {type(exc).__name__}: {exc}") from exc
-        else:
-            if not valid:
-                raise Finding(f"pass1 returned {result!r} for an invalid call (count {count!r})")
-            check_pass1(result, vals)
-        if raw_bytes(buffer) != snapshot:
-            raise Finding("pass1 wrote into the values buffer")
+        call_pass1(fdp, buffer, count, is_double, valid)
         return
+    vals = array("d" if is_double else "f", snapshot).tolist() if valid and snapshot is not None else []
 
     finite = [v for v in vals if math.isfinite(v)]
     lo0 = min(finite) if finite else 0.0
@@ -446,12 +690,26 @@ def test_one_input(data: bytes) -> None:
     mean = make_float(fdp, sum(finite) / len(finite) if finite else 0.0)  # as the engine: may be inf
     lo = make_float(fdp, lo0)
     scale = make_float(fdp, natural_scale)
-    hist = make_hist(fdp, buffer)
+    hist = make_counts(fdp, BINS, GUARDED_HIST, buffer)
+
+    tops, nexts, finite_bits = key_bins(snapshot or b"", is_double) if valid else ([], [], [])
+    lut = make_lut(fdp, tops)
+    lut_bytes = lut.before if is_contiguous_buffer(lut.obj, False) else None
+    full_lut = lut_bytes is not None and len(lut_bytes) == KEY_BINS
+    wanted = (
+        [i for i, top in enumerate(tops) if lut_bytes[top] and (not dirty or finite_bits[i])]
+        if full_lut and lut_bytes is not None
+        else []
+    )
+    prefix = fdp.ConsumeIntInRange(0, 8)
+    out = make_out(fdp, prefix, len(wanted), item)
+    out_len = len(out.before) if out.before is not None else 0
+    collected = make_collected(fdp, prefix, out_len // item)
+    most = max(lut_bytes) if full_lut and lut_bytes is not None else fdp.ConsumeIntInRange(0, 1)
+    sub = make_counts(fdp, min(most, SUB_MOST) * KEY_BINS, GUARDED_SUB)
 
     fmean, flo, fscale = as_float(mean), as_float(lo), as_float(scale)
-    hist_ok = (
-        is_contiguous_buffer(hist.obj, True) and len(hist.before or b"") == HIST_BYTES and aligned_for_int64(hist.obj)
-    )
+    ncollected = as_ssize(collected)
     params_ok = (
         fmean is not None
         and flo is not None
@@ -460,29 +718,53 @@ def test_one_input(data: bytes) -> None:
         and math.isfinite(fscale)
         and fscale >= 0.0
     )
-    valid2 = valid and hist_ok and params_ok
+    parsed = (
+        lut_bytes is not None
+        and is_contiguous_buffer(out.obj, True)
+        and is_contiguous_buffer(sub.obj, True)
+        and ncollected is not None
+    )
+    if not parsed or ncollected is None or not lut_bytes:
+        wanted_ok = parsed
+    elif not full_lut or KEY_BINS - lut_bytes.count(0) > MAX_WANTED:
+        wanted_ok = False
+    elif out_len:
+        wanted_ok = out_len % item == 0 and -1 <= ncollected <= out_len // item
+    else:
+        wanted_ok = sub.writable_counts(most * KEY_BINS)
+    valid2 = valid and hist.writable_counts(BINS) and params_ok and wanted_ok
+    written = (hist, out, sub)
     try:
-        result = KERNEL.pass2(buffer, count, is_double, dirty, mean, lo, scale, hist.obj)
+        result = KERNEL.pass2(
+            buffer, count, is_double, dirty, mean, lo, scale, hist.obj, lut.obj, out.obj, collected, sub.obj
+        )
     except Exception as exc:
-        if not allowed(exc, buffer):
+        if not allowed(exc, buffer, lut.obj):
             raise
         if valid2:
             raise Finding(f"pass2 refused a valid call: {type(exc).__name__}: {exc}") from exc
-        if raw_bytes(hist.obj) != hist.before:
-            raise Finding("pass2 wrote into the histogram of a call it refused") from exc
+        for region, what in zip(written, ("histogram", "out", "sub"), strict=True):
+            if region.obj is not buffer and not region.unchanged():
+                raise Finding(f"pass2 wrote into the {what} buffer of a call it refused") from exc
     else:
         if not valid2:
             raise Finding(f"pass2 returned {result!r} for an invalid call (count {count!r})")
         assert fmean is not None and flo is not None and fscale is not None and hist.before is not None
-        want = check_pass2(result, vals, is_double, dirty, fmean, flo, fscale)
+        assert ncollected is not None and lut_bytes is not None and snapshot is not None
+        shift, css, got = result
+        want = check_pass2((shift, css), vals, is_double, dirty, fmean, flo, fscale)
         after = array("q", raw_bytes(hist.obj) or b"").tolist()
         added = [a - b for a, b in zip(after, array("q", hist.before).tolist(), strict=True)]
         if any(c < 0 for c in added) or sum(added) != sum(want):
             raise Finding(f"pass2 added {sum(added)} counts (some negative: {min(added) < 0}), expected {sum(want)}")
         if added != want:
             raise Finding(f"pass2 histogram {added}, expected {want}")
-    if not hist.canaries_intact():
-        raise Finding("pass2 wrote outside the histogram buffer")
+        check_percentiles(got, lut_bytes, wanted, snapshot, item, (tops, nexts), out, ncollected, sub)
+    for region, what in zip((hist, lut, out, sub), ("histogram", "lut", "out", "sub"), strict=True):
+        if not region.canaries_intact():
+            raise Finding(f"pass2 wrote outside the {what} buffer")
+    if not lut.unchanged():
+        raise Finding("pass2 wrote into the lut")
     if hist.obj is not buffer and raw_bytes(buffer) != snapshot:
         raise Finding("pass2 wrote into the values buffer")
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ckptscope.core import Core
+from ckptscope.formats.model import module_types_under
 from ckptscope.http.deps import MAX_DEPTH, MAX_OFFSET, CoreDep, RootQuery
 from ckptscope.http.problems import problem
 from ckptscope.http.uploads import receive_uploads
+from ckptscope.insights.identity import DIGEST_PATTERN
 from ckptscope.services import catalogue_ops as ops
+from ckptscope.services import check as check_svc
 from ckptscope.services import checkpoints as svc
+from ckptscope.services import identity as identity_svc
+from ckptscope.services import insights as insights_svc
 from ckptscope.services.inspect import parameter_of, tensor_record
-from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState
+from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState, StatsState
 from ckptscope.store.queries import SORTABLE
 
 from . import schemas
@@ -154,11 +159,15 @@ def get_tree(
         int | None, Query(ge=0, le=MAX_DEPTH, description="levels of children to include; all when omitted")
     ] = None,
 ) -> dict[str, Any]:
-    """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals)."""
+    """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals;
+    once the stats are done, findings by severity and the layers that look untrained)."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     node = svc.module_node(core, content, root, path)
-    return {"root": root, "stats_state": content.stats_state, "tree": node.to_json(depth)}
+    tree = identity_svc.decorate_tree(core, content, root, node.to_json(depth))
+    if content.stats_state == StatsState.DONE:  # the insights of finished stats (cached): no cost per poll
+        insights_svc.decorate_tree(tree, insights_svc.checkpoint_insights(core, content, root))
+    return {"root": root, "stats_state": content.stats_state, "tree": tree}
 
 
 @router.get("/checkpoints/{checkpoint_id}/tensors", response_model=schemas.TensorPageOut, responses=ERRORS)
@@ -191,6 +200,7 @@ def list_tensors(
         offset=offset,
         limit=limit,
     )
+    types = module_types_under(content.module_types or {}, root)
     # built as plain JSON (the schema above documents it): validating thousands of rows through
     # pydantic again would double the time of a page of stats
     return JSONResponse(
@@ -202,11 +212,76 @@ def list_tensors(
             "stats_state": content.stats_state,
             "tensors": [
                 tensor_record(t, s, parameter_of(content.param_of, root, t.name))
-                | {"stats": s.to_json() if s else None}
+                | {"stats": s.to_json() if s else None, "init": insights_svc.init_json(t, s, types)}
                 for t, s in page.rows
             ],
         }
     )
+
+
+# The preview and spectrum routes come before /tensors/{name:path}, which would otherwise take
+# their URLs for tensor names ending in /preview.png or /spectrum.
+NO_PREVIEW: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    422: {**PROBLEM, "description": "the tensor has none (0-d, empty, complex, undecodable, too big) or a bad option"},
+}
+
+
+@router.get(
+    "/checkpoints/{checkpoint_id}/tensors/{name:path}/preview.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "the preview as a PNG image"}, **NO_PREVIEW},
+)
+def get_preview(
+    checkpoint_id: str,
+    name: str,
+    core: CoreDep,
+    request: Request,
+    root: RootQuery = None,
+    reduce: Annotated[
+        str, Query(pattern="^(mean|absmax)$", description="block mean, or the block's value of largest magnitude")
+    ] = "mean",
+    index: Annotated[
+        str | None,
+        Query(
+            max_length=1300,
+            description="leading indices of a slice, e.g. 0,3 (a conv weight [out, in, kh, kw] -> w[0, 3])",
+        ),
+    ] = None,
+) -> Response:
+    """The tensor as a PNG: a 2-D tensor as a heatmap of at most 512x512 cells (block mean or block
+    value of largest magnitude; a blue-white-red map centred on zero, NaN grey, with a colour bar),
+    a 1-D tensor as a line plot (at most 1024 points: block mean and min..max), higher ranks by a
+    slice (`index`) or as `[shape[0], prod(shape[1:])]`. Streams the tensor once in bounded memory."""
+    from ckptscope.services import previews
+
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    leading = previews.parse_index(index)
+    etag = previews.preview_etag(content, root, name, reduce, leading)
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
+    if request.headers.get("if-none-match") == etag:
+        svc.tensor_detail(core, content, root, name)  # still a tensor of this checkpoint
+        return Response(status_code=304, headers=headers)
+    image = previews.tensor_preview(core, content, root, name, reduce, leading)
+    return Response(image.png, media_type="image/png", headers=headers)
+
+
+@router.get(
+    "/checkpoints/{checkpoint_id}/tensors/{name:path}/spectrum",
+    response_model=schemas.SpectrumOut,
+    responses=NO_PREVIEW,
+)
+def get_spectrum(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery = None) -> dict[str, Any]:
+    """Singular values of a 2-D tensor (a higher rank as `[shape[0], prod(shape[1:])]`) with its
+    stable rank and effective rank, computed with torch (on the GPU when the stats device is CUDA)
+    and cached. Matrices too big to decompose on request are refused (422, the detail says why)."""
+    from ckptscope.services import previews
+
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    spectrum, cached = previews.tensor_spectrum(core, content, root, name)
+    return {"name": name, "root": root, **spectrum.to_json(), "cached": cached}
 
 
 @router.get(
@@ -217,11 +292,54 @@ def get_tensor(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery = N
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     info, stats = svc.tensor_detail(core, content, root, name)
+    types = module_types_under(content.module_types or {}, root)
     return tensor_record(info, stats, parameter_of(content.param_of, root, info.name)) | {
         "stats": stats.to_json() if stats else None,
+        "init": insights_svc.init_json(info, stats, types),
         "root": root,
         "stats_state": content.stats_state,
+        "identical_elsewhere": identity_svc.identical_elsewhere(core, checkpoint_id, root, info.name, stats),
     }
+
+
+@router.get("/checkpoints/{checkpoint_id}/findings", response_model=schemas.FindingsOut, responses=ERRORS)
+def get_findings(checkpoint_id: str, core: CoreDep, root: RootQuery = None) -> dict[str, Any]:
+    """Diagnostics (README 'Findings'): NaN/Inf, spikes, exploding or collapsed variance and norm
+    outliers against sibling layers, dead or near-zero tensors, untrained layers among trained
+    ones; each with its rule, severity, offending values and threshold. Also the roll-up per
+    module (findings by severity, layers that look untrained) and the thresholds used."""
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    found = insights_svc.checkpoint_insights(core, content, root)
+    return {"root": root, "stats_state": content.stats_state, **found.to_json()}
+
+
+DigestPath = Annotated[
+    str,
+    Path(pattern=DIGEST_PATTERN, description="a digest as the stats give it: 'xxh3-128:' and 32 lower-case hex digits"),
+]
+DigestLimit = Annotated[int, Query(ge=1, le=identity_svc.MAX_HITS, description="most items to return")]
+BAD_DIGEST: dict[int | str, dict[str, Any]] = {422: {**PROBLEM, "description": "not a digest"}}
+
+
+@router.get(
+    "/tensors/by-digest/{digest}", response_model=schemas.TensorsByDigestOut, responses=BAD_DIGEST, tags=["identity"]
+)
+def tensors_by_digest(digest: DigestPath, core: CoreDep, limit: DigestLimit = 100) -> dict[str, Any]:
+    """Every tensor in the catalogue with this content digest (`stats.digest`: dtype, shape and
+    logical bytes, the same in any file format), oldest checkpoint first; `total` counts them all.
+    An unknown digest gives an empty list."""
+    return identity_svc.tensors_with_digest(core, digest, limit)
+
+
+@router.get(
+    "/modules/by-digest/{digest}", response_model=schemas.ModulesByDigestOut, responses=BAD_DIGEST, tags=["identity"]
+)
+def modules_by_digest(digest: DigestPath, core: CoreDep, limit: DigestLimit = 100) -> dict[str, Any]:
+    """Every module in the catalogue with this module digest (README 'Content identity': from its
+    tensors' names relative to the module and their digests, so a module matches another at any
+    path), oldest checkpoint first. An unknown digest gives an empty list."""
+    return identity_svc.modules_with_digest(core, digest, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.JobOut, responses=ERRORS, tags=["jobs"])
@@ -273,6 +391,26 @@ def copy_modules(body: schemas.CopyRequest, core: CoreDep, request: Request) -> 
     row, content = svc.get_checkpoint(core, row.id)
     body_out = {"written": True, "report": report.to_json(), "checkpoint": checkpoint_out(core, row, content)}
     return JSONResponse(schemas.CopyResult(**body_out).model_dump(mode="json"), status_code=201)
+
+
+@ops_router.post(
+    "/checkpoints/{checkpoint_id}/check",
+    response_model=schemas.CheckResult,
+    responses={
+        **ERRORS,
+        409: {**PROBLEM, "description": "the stats of the checkpoint or the baseline are not computed yet, or failed"},
+        422: {**PROBLEM, "description": "a malformed rule, or a baseline rule without a baseline"},
+    },
+)
+def check_rules(checkpoint_id: str, body: schemas.CheckRequest, core: CoreDep) -> dict[str, Any]:
+    """The CI gate: check rules (`no-nan`, `max-abs<=X`, `params==N`, `dtype==bf16@prefix`,
+    `changed-only=PREFIX,...`, `unchanged=PREFIX,...`, `no-untrained`, `no-findings>=warning`) on a
+    checkpoint, against `baseline` where a rule compares. `passed` is true when every rule passes;
+    each result names its offending tensors."""
+    report = check_svc.check_stored(
+        core, checkpoint_id, body.rules, root=body.root, baseline_id=body.baseline, baseline_root=body.baseline_root
+    )
+    return report.to_json()
 
 
 @ops_router.post("/checkpoints/{checkpoint_id}/freeze-plan", responses=ERRORS)

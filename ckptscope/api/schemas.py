@@ -17,12 +17,33 @@ Prefixes = Annotated[list[Text], Field(max_length=MAX_ITEMS)]
 PrefixMap = Annotated[dict[Text, Text], Field(max_length=MAX_ITEMS)]
 
 
+class LogHistOut(BaseModel):
+    neg: list[list[int]] = Field(description="[e, count]: negative values with 2**e <= -x < 2**(e+1), e ascending")
+    zero: int = Field(description="zeros")
+    pos: list[list[int]] = Field(description="[e, count]: positive values with 2**e <= x < 2**(e+1), e ascending")
+
+
 class _StatsBase(BaseModel):
     numel: int
+    percentiles: dict[str, float] | None = Field(
+        None,
+        description="percentiles 0.1, 1, 5, 25, 50, 75, 95, 99, 99.9 of the finite values (keys as strings), "
+        "linear interpolation between order statistics like torch.quantile, in float64; exact (see the README "
+        "for the accuracy contract); null when there is no finite value",
+    )
+    log_hist: LogHistOut | None = Field(
+        None,
+        description="counts by sign and binary magnitude (subnormals at the smallest normal exponent minus one)",
+    )
     hist: list[int] = Field(description="64 equal-width bins over [hist_min, hist_max] of the finite values")
     hist_min: float | None
     hist_max: float | None
     note: str | None = Field(None, description="why some statistics are absent (e.g. a complex dtype)")
+    digest: str | None = Field(
+        None,
+        description="content digest, 'xxh3-128:<32 hex>' of dtype, shape and the logical bytes in C order (the same "
+        "for the same tensor in any file format); GET /api/v1/tensors/by-digest/{digest} finds it elsewhere",
+    )
 
 
 def _stats_model() -> type[BaseModel]:
@@ -38,6 +59,12 @@ if TYPE_CHECKING:
     StatsOut = _StatsBase
 else:
     StatsOut = _stats_model()
+
+
+class InitOut(BaseModel):
+    verdict: str = Field(description="init, trained or unknown")
+    matches: str | None = Field(description="the initialiser and its parameters the values match best")
+    score: float | None = Field(description="distance to that initialiser (lower is closer)")
 
 
 class TensorOut(BaseModel):
@@ -66,6 +93,10 @@ class TensorOut(BaseModel):
     contiguous: bool
     data_offset: int
     stats: StatsOut | None = Field(None, description="null while stats are still being computed")
+    init: InitOut | None = Field(
+        None,
+        description="whether the values still look like an initialiser (README 'Init or trained'); null without stats",
+    )
 
 
 class TensorPageOut(BaseModel):
@@ -77,9 +108,64 @@ class TensorPageOut(BaseModel):
     tensors: list[TensorOut]
 
 
+class DigestHitOut(BaseModel):
+    checkpoint_id: str
+    checkpoint_name: str
+    sha256: str = Field(description="the checkpoint's content hash")
+    root: str = Field(description="the root to open it under (the checkpoint's default root when it lies in it)")
+    name: str = Field(description="tensor name or module path relative to root ('' for the root itself)")
+
+
+class TensorHitOut(DigestHitOut):
+    numel: int
+
+
+class ModuleHitOut(DigestHitOut):
+    tensor_count: int = Field(description="tensors in the module")
+
+
+class TensorsByDigestOut(BaseModel):
+    digest: str
+    total: int = Field(description="how many there are (items may be fewer: limit)")
+    items: list[TensorHitOut]
+
+
+class ModulesByDigestOut(BaseModel):
+    digest: str
+    total: int = Field(description="how many there are (items may be fewer: limit)")
+    items: list[ModuleHitOut]
+
+
+class IdenticalElsewhereOut(BaseModel):
+    digest: str
+    count: int = Field(description="how many other catalogue tensors are identical (items lists the first ones)")
+    items: list[TensorHitOut]
+
+
 class TensorDetailOut(TensorOut):
     root: str
     stats_state: str
+    identical_elsewhere: IdenticalElsewhereOut | None = Field(
+        None,
+        description="the other tensors of the catalogue (other checkpoints, or other names of this one) with the "
+        "same digest: dtype, shape and values; null until the stats are computed",
+    )
+
+
+class SpectrumOut(BaseModel):
+    name: str
+    root: str
+    shape: list[int] = Field(description="the matrix decomposed: a 2-D tensor, or [shape[0], prod(shape[1:])]")
+    dtype: str = Field(description="what the SVD ran in: float32, or float64 for a float64 tensor")
+    device: str = Field(description="where it ran: cpu, or the CUDA stats device")
+    count: int = Field(description="how many singular values there are: min(rows, cols)")
+    sigma_max: float = Field(description="the largest singular value (the spectral norm)")
+    stable_rank: float = Field(description="||A||_F^2 / sigma_max^2")
+    effective_rank: float = Field(description="exp(entropy of sigma / sum(sigma)) (Roy & Vetterli)")
+    values: list[float] = Field(description="singular values, descending: all, or at most 512 at `ranks`")
+    ranks: list[int] = Field(description="0-based rank of each of `values` in the full spectrum")
+    sampled: bool = Field(description="true when `values` is a sample of the spectrum")
+    cached: bool = Field(description="served from the server's spectrum cache")
 
 
 class JobOut(BaseModel):
@@ -173,6 +259,20 @@ class TreeNodeOut(BaseModel):
     nan: int
     inf: int
     module_type: str | None = Field(None, description="class of the pickled module here (whole-module pickles)")
+    layers: int = Field(
+        0, description="weight tensors (layers: a Linear, a Conv ...) under this module with an init verdict"
+    )
+    untrained: int = Field(0, description="of those, the ones that look untrained ('3 of 24 layers look untrained')")
+    findings: dict[str, int] = Field(
+        default_factory=dict,
+        description="findings at or under this node by severity (README 'Findings'); empty until the stats are done",
+    )
+    digest: str | None = Field(
+        None,
+        description="module digest (README 'Content identity': from its tensors' names relative to the module and "
+        "their digests); GET /api/v1/modules/by-digest/{digest} finds the same module elsewhere; null on tensor "
+        "nodes and until the stats are done",
+    )
     children: list[TreeNodeOut] | None = None
 
 
@@ -235,3 +335,55 @@ class ExportResult(CheckpointOut):
     dequantized: dict[str, Any] | None = Field(
         None, description="quantized (GGUF) tensors decoded on export: {dtype, tensors, encodings: {Q4_K: n}}"
     )
+
+
+class CheckRequest(BaseModel):
+    rules: Annotated[list[Text], Field(min_length=1, max_length=1000)] = Field(
+        description="rules, e.g. ['no-nan', 'max-abs<=100', 'dtype==bf16@model.layers', 'changed-only=lm_head'] "
+        "(README 'Gate a CI pipeline' lists them)"
+    )
+    baseline: Text | None = Field(None, description="checkpoint id to compare with (changed-only=, unchanged=)")
+    root: Text | None = None
+    baseline_root: Text | None = None
+
+
+class RuleResultOut(BaseModel):
+    rule: str = Field(description="the rule as given")
+    passed: bool
+    detail: str = Field(description="one line: what was found")
+    offenders: list[str] = Field(description="offending tensor (or module) names, at most 50")
+    offender_count: int = Field(description="all offenders, listed or not")
+
+
+class CheckResult(BaseModel):
+    passed: bool = Field(description="every rule passed")
+    results: list[RuleResultOut]
+
+
+class FindingOut(BaseModel):
+    rule: str = Field(
+        description="nan-inf, spike, variance-exploding, variance-collapsed, dead, near-zero, "
+        "norm-outlier or untrained-among-trained (README 'Findings')"
+    )
+    severity: str = Field(description="info, warning or error")
+    target: str = Field(description="tensor name or module path, relative to the root")
+    level: str = Field(description="tensor or module")
+    message: str
+    values: dict[str, Any] = Field(description="the offending values (and what they were compared with)")
+    threshold: Any = Field(description="the threshold the values crossed")
+
+
+class ModuleInsightOut(BaseModel):
+    layers: int = Field(
+        description="weight tensors (layers: a Linear, a Conv ...) under this module with an init verdict"
+    )
+    untrained: int = Field(description="of those, the ones that look untrained")
+    findings: dict[str, int] = Field(description="findings at or under this module by severity")
+
+
+class FindingsOut(BaseModel):
+    root: str
+    stats_state: str = Field(description="findings cover the tensors whose stats are computed")
+    findings: list[FindingOut]
+    modules: dict[str, ModuleInsightOut] = Field(description="module path ('' for the root) -> roll-up")
+    thresholds: dict[str, float] = Field(description="the thresholds used (CKPTSCOPE_FINDINGS_THRESHOLDS)")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptscope.errors import Invalid, NotFound, UnsupportedOutput
 from ckptscope.formats import TensorInfo
+from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 from ckptscope.formats.writers import OutputTensor
+from ckptscope.text import make_storable
 
 from . import checkpoints as svc
 from .checkpoints import Upload
+from .identity import verify_written
 from .operations import (
     CopyReport,
     FreezePlan,
@@ -28,15 +31,28 @@ from .operations import (
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
+    from ckptscope.stats import TensorStats
     from ckptscope.store.catalogue import Checkpoint
 
 EXTENSIONS = {"safetensors": ".safetensors", "pt": ".pt"}
 
 
 def _tensors(core: Core, checkpoint_id: str, root: str | None) -> tuple[Checkpoint, Any, str, list[TensorInfo]]:
+    row, content, root, pairs = _tensors_and_stats(core, checkpoint_id, root)
+    return row, content, root, [t for t, _ in pairs]
+
+
+def _tensors_and_stats(
+    core: Core, checkpoint_id: str, root: str | None
+) -> tuple[Checkpoint, Any, str, list[tuple[TensorInfo, TensorStats | None]]]:
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
-    return row, content, root, [t for t, _ in svc.all_tensors(core, content, root)]
+    return row, content, root, svc.all_tensors(core, content, root)
+
+
+def _digests(pairs: Sequence[tuple[TensorInfo, TensorStats | None]]) -> dict[str, str | None]:
+    """Tensor name -> its digest from the stats (None where they are not computed yet)."""
+    return {t.name: s.digest if s is not None else None for t, s in pairs}
 
 
 def _stem(name: str) -> str:
@@ -54,10 +70,14 @@ def _write_and_register(
     name: str,
     origin: str,
     provenance: dict[str, Any],
+    check: Callable[[Path], None] | None = None,
 ) -> Checkpoint:
+    """``check(path)``: runs on the written file before it is kept (raising keeps nothing)."""
     temp = core.blobs.temp_path(EXTENSIONS[fmt])
     try:
         write_checkpoint(temp, outputs, fmt, metadata)
+        if check is not None:
+            check(temp)
         blob = core.blobs.adopt(temp)
     finally:
         temp.unlink(missing_ok=True)
@@ -112,7 +132,8 @@ def copy(
     source_root: str | None = None,
     target_root: str | None = None,
 ) -> tuple[CopyReport, Checkpoint | None]:
-    src_row, src_content, src_root, src = _tensors(core, source_id, source_root)
+    src_row, src_content, src_root, src_pairs = _tensors_and_stats(core, source_id, source_root)
+    src = [t for t, _ in src_pairs]
     dst_row, dst_content, dst_root, dst = _tensors(core, target_id, target_root)
     report = copy_report(src, dst, mapping, strict)
     if dry_run or (strict and not report.ok) or not report.copied:
@@ -127,8 +148,16 @@ def copy(
         "copied": len(report.copied),
     }
     metadata = copy_metadata(dst_content.meta, fmt, {k: v for k, v in provenance.items() if k != "copied"})
+
+    def check(path: Path) -> None:  # read the written copy back (sandboxed): bit-exact, or nothing is kept
+        with core.parse_slots:
+            written = open_checkpoint_sandboxed(path, limits=core.parse_limits)
+        make_storable(written)  # names as the catalogue and the report spell them
+        verified = verify_written(written, report, src, metadata, source_digests=_digests(src_pairs)).to_json()
+        provenance["verified"] = {"counts": verified["counts"], "modules": verified["modules"][:100]}
+
     new = _write_and_register(
-        core, report.outputs, fmt, metadata, f"{_stem(dst_row.name)}.copy{EXTENSIONS[fmt]}", "copy", provenance
+        core, report.outputs, fmt, metadata, f"{_stem(dst_row.name)}.copy{EXTENSIONS[fmt]}", "copy", provenance, check
     )
     return report, new
 
@@ -139,9 +168,10 @@ def freeze(core: Core, checkpoint_id: str, prefixes: Sequence[str], root: str | 
 
 
 def diff(core: Core, a_id: str, b_id: str, a_root: str | None = None, b_root: str | None = None) -> dict[str, Any]:
-    a_row, a_content, a_root, a = _tensors(core, a_id, a_root)
-    b_row, b_content, b_root, b = _tensors(core, b_id, b_root)
-    result = diff_tensors(a, b)
+    a_row, a_content, a_root, a = _tensors_and_stats(core, a_id, a_root)
+    b_row, b_content, b_root, b = _tensors_and_stats(core, b_id, b_root)
+    # tensors with equal digests are identical without reading them
+    result = diff_tensors([t for t, _ in a], [t for t, _ in b], _digests(a), _digests(b))
     result["a"] = {"id": a_row.id, "name": a_row.name, "root": a_root, "sha256": a_content.key}
     result["b"] = {"id": b_row.id, "name": b_row.name, "root": b_root, "sha256": b_content.key}
     return result

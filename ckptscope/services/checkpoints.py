@@ -150,8 +150,15 @@ def rename_checkpoint(core: Core, checkpoint_id: str, name: str) -> tuple[Checkp
 
 
 def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
-    # the last checkpoint of a content: this process's job stops; others notice the content is gone
-    discard_unreferenced(core, core.queries.delete_checkpoint(checkpoint_id, on_last_reference=core.jobs.cancel))
+    # the last checkpoint of a content: this process's job stops (others notice the content is
+    # gone) and its cached spectra go
+    from .previews import forget_spectra  # previews reads tensors through this module
+
+    def last_reference(content_key: str) -> None:
+        core.jobs.cancel(content_key)
+        forget_spectra(core, content_key)
+
+    discard_unreferenced(core, core.queries.delete_checkpoint(checkpoint_id, on_last_reference=last_reference))
 
 
 # --- reading tensors -------------------------------------------------------------------------

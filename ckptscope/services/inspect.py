@@ -8,7 +8,10 @@ from typing import Any
 
 from ckptscope.formats import Checkpoint, TensorInfo
 from ckptscope.formats.model import contiguous_stride, module_types_under
+from ckptscope.insights.findings import Thresholds
 from ckptscope.stats import TensorStats, TreeNode, build_tree
+
+from .insights import Insights, analyse
 
 
 def parameter_of(param_of: Mapping[str, str] | None, root: str, name: str) -> str | None:
@@ -46,10 +49,18 @@ class Inspection:
     tensors: list[TensorInfo]
     stats: Mapping[str, TensorStats] | None
     tree: TreeNode
+    thresholds: Thresholds | None = None  # of the findings; None: the defaults
+
+    def insights(self) -> Insights:
+        """Init verdicts and findings of these tensors (none without stats)."""
+        stats = self.stats or {}
+        types = module_types_under(self.checkpoint.module_types, self.root)
+        return analyse([(t, stats.get(t.name)) for t in self.tensors], self.thresholds, module_types=types)
 
     def to_json(self) -> dict[str, Any]:
         ckpt = self.checkpoint
         stats = self.stats or {}
+        insights = self.insights()
         return {
             "format": ckpt.format,
             "root": self.root,
@@ -62,9 +73,11 @@ class Inspection:
             "total_bytes": self.tree.nbytes,
             "tensors": [
                 tensor_record(t, stats.get(t.name), parameter_of(ckpt.param_of, self.root, t.name))
+                | {"init": insights.init[t.name].to_json() if t.name in stats else None}
                 for t in self.tensors
             ],
             "tree": self.tree.to_json(),
+            "findings": [f.to_json() for f in insights.findings],
         }
 
 
@@ -75,6 +88,7 @@ def inspect_listing(
     with_stats: bool = True,
     progress: Any = None,
     device: str | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Inspection:
     """A listing's root, with its stats (read from the listing's files) and module tree."""
     root = ckpt.resolve_root(root)
@@ -86,5 +100,5 @@ def inspect_listing(
 
         stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
     return Inspection(
-        ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root))
+        ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root)), thresholds
     )

@@ -414,6 +414,9 @@ class CopyReport:
     # target name (in the target's state_dict order) wins, as in load_state_dict
     tied_conflicts: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[OutputTensor] = field(default_factory=list)
+    # the written copy read back (services.identity.verify_copy): identical/mismatched target names
+    # and, per mapping entry, whether the target module now equals the source's; None: not written
+    verified: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -432,6 +435,7 @@ class CopyReport:
             "dtype_changes": self.dtype_changes,
             "aliases_updated": self.aliases_updated,
             "tied_conflicts": self.tied_conflicts,
+            "verified": self.verified,
             "counts": {
                 "copied": len(self.copied),
                 "missing": len(self.missing),
@@ -612,9 +616,21 @@ def _check_overlapping_views(
 # --- diff -----------------------------------------------------------------------------------
 
 
-def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, Any]:
-    from ckptscope.stats.compare import compare
+def diff_tensors(
+    a: Sequence[TensorInfo],
+    b: Sequence[TensorInfo],
+    digests_a: Mapping[str, str | None] | None = None,
+    digests_b: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """``digests_a``/``digests_b``: the tensors' content digests where known (the catalogue's stats):
+    tensors whose digests are equal are identical without reading them (``skipped_reads`` counts
+    them). ``identical_modules``: the outermost modules whose tensors are all identical (same
+    names, same values); ``moved_modules``: modules of A that B holds, identical, under another path
+    (by module digest, ``insights.identity``)."""
+    from ckptscope.stats.compare import compare, identical_by_digest
 
+    da, db = digests_a or {}, digests_b or {}
+    skipped = 0
     b_by_name = {t.name: t for t in b}
     a_names = {t.name for t in a}
     rows: list[dict[str, Any]] = []
@@ -633,7 +649,11 @@ def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, 
         if t.shape != other.shape:
             row["status"] = "shape_changed"
         else:
-            metrics = compare(t, other)
+            metrics = identical_by_digest(t, other, da.get(t.name), db.get(other.name))
+            if metrics is None:
+                metrics = compare(t, other)
+            else:
+                skipped += 1
             row.update(metrics)
             row["status"] = (
                 "identical"
@@ -648,7 +668,41 @@ def diff_tensors(a: Sequence[TensorInfo], b: Sequence[TensorInfo]) -> dict[str, 
         for t in b
         if t.name not in a_names
     )
-    return {"tensors": rows, "tree": diff_tree(rows), "counts": _status_counts(rows)}
+    tree = diff_tree(rows)
+    return {
+        "tensors": rows,
+        "tree": tree,
+        "counts": _status_counts(rows),
+        "skipped_reads": skipped,
+        "identical_modules": identical_modules(tree),
+        "moved_modules": _moved_modules(a, b, da, db),
+    }
+
+
+def identical_modules(tree: Mapping[str, Any]) -> list[str]:
+    """The outermost modules of a diff tree whose every tensor is identical in A and B (and none
+    only in one of them): ``[""]`` when the whole checkpoints are."""
+    found: list[str] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if not node["changed"] and sum(node["counts"].values()):
+            found.append(node["path"])
+        else:
+            stack.extend(node["children"])
+    return sorted(found)
+
+
+def _moved_modules(
+    a: Sequence[TensorInfo], b: Sequence[TensorInfo], da: Mapping[str, str | None], db: Mapping[str, str | None]
+) -> list[dict[str, str]]:
+    if not (da and db):
+        return []
+    from ckptscope.insights.identity import module_digests, moved_modules
+
+    ma = module_digests((t.name, da.get(t.name)) for t in a)
+    mb = module_digests((t.name, db.get(t.name)) for t in b)
+    return [m.to_json() for m in moved_modules(ma, mb)]
 
 
 STATUSES = ("identical", "changed", "dtype_changed", "shape_changed", "only_a", "only_b")

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptscope.formats.model import DTYPES, TensorInfo
+from ckptscope.formats.model import DTYPES, TensorInfo, contiguous_stride
 
-from .model import HIST_BINS, TensorStats
+from . import digest as digests
+from .model import HIST_BINS, PERCENTILES, LogHistogram, TensorStats
+from .percentiles import QUANTILES
 from .walk import TORCH_DTYPES, plan_view
 
 SMALL_ELEMENTS = 16384  # tensors up to this size are summarised in batches
@@ -88,6 +90,8 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None =
     if not clean:
         idx = torch.where(finite, idx, k * HIST_BINS)
     hist = torch.bincount(idx, minlength=k * HIST_BINS + 1)[: k * HIST_BINS].view(k, HIST_BINS).tolist()
+    percentiles = _percentiles(x, seg, finite, nf, k)
+    log_hists = _log_histograms(x, seg, finite, infos, k)
     out = []
     for i, (t, n, cs, m, a, b, z, na, inn) in enumerate(
         zip(
@@ -110,8 +114,63 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None =
             stats.l2 = math.sqrt(cs + n * m * m)
             stats.absmax = max(abs(a), abs(b))
             stats.hist_min, stats.hist_max = a, b
+            stats.percentiles = dict(zip(PERCENTILES, percentiles[i], strict=True))
+            stats.log_hist = log_hists[i]
+        plan = plan_view(t)
+        if plan.stride == contiguous_stride(plan.shape):  # the byte range is the values in C order
+            stats.digest = digests.digest_of_bytes(t, memoryview(mm)[t.data_offset : t.data_offset + t.nbytes])
+        else:  # a permuted view: hashed in its logical order
+            stats.digest = digests.tensor_digest(t)
         out.append(stats)
     return out
+
+
+def _percentiles(
+    x: torch.Tensor, seg: torch.Tensor, finite: torch.Tensor, nf: torch.Tensor, k: int
+) -> list[list[float]]:
+    """Each tensor's percentiles: its finite values sorted (by tensor, then value), then the order
+    statistics at q * (n - 1) interpolated linearly, like torch.quantile."""
+    values = torch.where(finite, x, math.inf)  # non-finite values sort after each tensor's finite ones
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]
+    ordered = values[order]
+    counts = torch.bincount(seg, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    q = torch.tensor(QUANTILES, dtype=torch.float64, device=x.device)
+    n = nf.clamp(min=1).to(torch.float64)
+    pos = q[None, :] * (n[:, None] - 1)
+    lo = pos.floor()
+    frac = pos - lo
+    lo_i = lo.to(torch.int64)
+    hi_i = torch.minimum(lo_i + 1, (n - 1).to(torch.int64)[:, None])
+    a = ordered[starts[:, None] + lo_i]
+    b = ordered[starts[:, None] + hi_i]
+    value = torch.where((frac == 0) | (a == b), a, a + frac * (b - a))
+    return value.tolist()
+
+
+def _log_histograms(
+    x: torch.Tensor, seg: torch.Tensor, finite: torch.Tensor, infos: Sequence[TensorInfo], k: int
+) -> list[LogHistogram]:
+    """Counts by sign and binary exponent, with subnormals at the smallest normal exponent minus one
+    of the dtype the values are computed in (float32, or float64 for float64 and integer tensors:
+    the other engines' convention)."""
+    nonzero = finite & (x != 0)
+    v, s = x[nonzero], seg[nonzero]
+    wide = torch.tensor([t.dtype == "float64" or DTYPES[t.dtype].category != "float" for t in infos], device=x.device)
+    floor = torch.where(wide, -1023, -127)[s]
+    exponent = torch.maximum(torch.frexp(v).exponent.to(torch.int64) - 1, floor)
+    code = (s * 2 + (v > 0).to(torch.int64)) * 4096 + (exponent + 2048)
+    keys, counts = torch.unique(code, return_counts=True)
+    hists = [LogHistogram({}, 0, {}) for _ in range(k)]
+    zeros = torch.bincount(seg[finite & (x == 0)], minlength=k).tolist()
+    for h, z in zip(hists, zeros, strict=True):
+        h.zero = int(z)
+    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+        pair, e = divmod(key, 4096)
+        i, positive = divmod(pair, 2)
+        (hists[i].pos if positive else hists[i].neg)[e - 2048] = count
+    return hists
 
 
 def _range(mm: mmap.mmap, dtype: str, start: int, end: int) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The C kernel engine: each chunk of a walk goes through the kernel's two fused loops (GIL
-released): pass 1 gathers the float64 sum, min/max and the non-zero count (NaN/Inf are only looked
-for when the sum shows they exist); pass 2 the centred sums and the histogram.
+released): pass 1 gathers the float64 sum, min/max, the non-zero count (NaN/Inf are only looked
+for when the sum shows they exist) and the key bins the percentiles start from; pass 2 the centred
+sums, the histogram and the values the percentiles are selected from (``percentiles.py``). The
+walk hashes the bytes it reads for the tensor's digest.
 
 The kernel is an optional extension (``_kernel.c``, built by ``setup.py`` where a C compiler
 exists). ``load_kernel`` says whether this process can use it, and why not.
@@ -16,12 +18,16 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from ckptscope.formats.model import TensorInfo
 
 from .model import HIST_BINS, TensorStats
+from .percentiles import RankPlan
 from .walk import Accumulator, Buffers, Chunk, TensorWalker, plan_view, unsupported_note
+
+EMPTY = bytearray()
 
 SOURCE = Path(__file__).with_name("_kernel.c")
 
@@ -47,7 +53,8 @@ def load_kernel() -> tuple[Kernel | None, str]:
 def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk) -> bool:
     """Returns True when the chunk held NaN/Inf (pass 2 then skips them)."""
     n = c.values.numel()
-    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.buffer, n, c.values.dtype == torch.float64)
+    acc.is_double = c.values.dtype == torch.float64
+    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.buffer, n, acc.is_double, acc.keys)
     acc.nonzero += nonzero
     acc.nan += nan
     acc.inf += inf
@@ -59,10 +66,46 @@ def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk) -> bool:
     return bool(finite != n)
 
 
-def _pass2(kernel: Kernel, acc: Accumulator, c: Chunk, dirty: bool, mean: float, hist: array[int]) -> None:
+class Gathering:
+    """Pass 2's side of the percentiles: the wanted key bins' values copied (or counted) chunk by
+    chunk, then the percentiles selected from them."""
+
+    def __init__(self, plan: RankPlan | None, bufs: Buffers) -> None:
+        self.plan = plan
+        self.bufs = bufs
+        self.count = 0
+        self.lut: bytes = b"" if plan is None else plan.lut
+        self.out = EMPTY
+        self.sub = EMPTY
+        self._sub: np.ndarray | None = None
+        if plan is not None and plan.exact_in_bins:
+            pass  # nothing to gather
+        elif plan is not None and plan.collect:
+            self.out = bufs.collect = plan.collect_buffer(bufs.collect)
+        elif plan is not None:
+            self._sub = plan.sub_counts()
+            self.sub = self._sub  # type: ignore[assignment]  # a writable int64 buffer
+
+    def percentiles(self) -> dict[str, float] | None:
+        plan = self.plan
+        if plan is None or self.count < 0:
+            return None
+        if plan.exact_in_bins:
+            return plan.resolve_bins()
+        if self._sub is not None:
+            return plan.resolve_counted(self._sub)
+        values = np.frombuffer(self.out, dtype=np.float64 if plan.is_double else np.float32, count=self.count)
+        return plan.resolve_collected(values)
+
+
+def _pass2(
+    kernel: Kernel, acc: Accumulator, c: Chunk, dirty: bool, mean: float, hist: array[int], g: Gathering
+) -> None:
     n = c.values.numel()
     is_double = c.values.dtype == torch.float64
-    shift, css = kernel.pass2(c.buffer, n, is_double, dirty, mean, acc.lo, acc.hist_scale(), hist)
+    shift, css, g.count = kernel.pass2(
+        c.buffer, n, is_double, dirty, mean, acc.lo, acc.hist_scale(), hist, g.lut, g.out, g.count, g.sub
+    )
     acc.shift += shift
     acc.css += css
 
@@ -77,14 +120,18 @@ def tensor_stats_with_kernel(
     plan = plan_view(info)
     if info.numel == 0 or mm is None:
         return TensorStats(numel=info.numel)
-    walker = TensorWalker(mm, info, plan, bufs or Buffers())
+    bufs = bufs or Buffers()
+    walker = TensorWalker(mm, info, plan, bufs)
     acc = Accumulator()
     dirty = [_pass1(kernel, acc, c) for c in walker.chunks()]
     mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
+        gathering = Gathering(acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins), bufs)
         hist = array("q", bytes(8 * HIST_BINS))
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
-            _pass2(kernel, acc, c, chunk_dirty, mean, hist)
+            _pass2(kernel, acc, c, chunk_dirty, mean, hist, gathering)
         acc.hist = hist.tolist()
+        acc.percentiles = gathering.percentiles()
     walker.release()
+    acc.digest = walker.digest()
     return acc.result(info.numel, plan.count, plan.factor, mean)

@@ -12,6 +12,8 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 HIST_BINS = 64
+PERCENTILES: tuple[str, ...] = ("0.1", "1", "5", "25", "50", "75", "95", "99", "99.9")
+"""The percentiles every tensor gets (of its finite values), as the keys of ``stats.percentiles``."""
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -47,6 +49,9 @@ class TensorStats:
     hist_min: float | None = None
     hist_max: float | None = None
     note: str | None = None  # why some stats are absent (e.g. complex dtype)
+    percentiles: dict[str, float] | None = None  # PERCENTILES -> value (float64); None: no finite values
+    log_hist: LogHistogram | None = None  # signed histogram by binary magnitude; None: no finite values
+    digest: str | None = None  # "xxh3-128:<hex>" of dtype, shape and the logical bytes in C order
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"numel": self.numel}
@@ -57,7 +62,34 @@ class TensorStats:
         out["hist_min"] = finite_or_none(self.hist_min)
         out["hist_max"] = finite_or_none(self.hist_max)
         out["note"] = self.note
+        out["percentiles"] = None if self.percentiles is None else dict(self.percentiles)
+        out["log_hist"] = None if self.log_hist is None else self.log_hist.to_json()
+        out["digest"] = self.digest
         return out
+
+
+@dataclass(slots=True)
+class LogHistogram:
+    """Counts of the finite values by sign and binary magnitude: ``pos[e]`` counts the positive
+    values with 2**e <= x < 2**(e+1), ``neg[e]`` the negative ones with 2**e <= -x < 2**(e+1);
+    subnormal values count at the smallest normal exponent minus one; ``zero`` counts the zeros."""
+
+    neg: dict[int, int]
+    zero: int
+    pos: dict[int, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "neg": [[e, c] for e, c in sorted(self.neg.items())],
+            "zero": self.zero,
+            "pos": [[e, c] for e, c in sorted(self.pos.items())],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LogHistogram:
+        return cls(
+            {int(e): int(c) for e, c in data["neg"]}, int(data["zero"]), {int(e): int(c) for e, c in data["pos"]}
+        )
 
 
 @dataclass(frozen=True, slots=True)

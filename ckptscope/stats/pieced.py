@@ -19,8 +19,10 @@ import torch
 from ckptscope.formats.model import TensorInfo
 
 from . import kernel_engine, torch_engine
+from .digest import tensor_digest
 from .kernel_engine import load_kernel
 from .model import HIST_BINS, TensorStats
+from .torch_engine import TorchGathering
 from .walk import Accumulator, Buffers, Chunk, TensorWalker, ViewPlan, plan_view, unsupported_note
 
 MapFile = Callable[[str], mmap.mmap | None]
@@ -66,6 +68,8 @@ def pieced_stats(
         zeros += (p.plan.count - p.acc.nonzero) * f
         whole.nan += p.acc.nan * f
         whole.inf += p.acc.inf * f
+        whole.keys += p.acc.keys * f
+        whole.is_double = p.acc.is_double
         if p.acc.n:
             whole.n += p.acc.n * f
             whole.total += p.acc.total * f
@@ -74,15 +78,23 @@ def pieced_stats(
     whole.nonzero = info.numel - zeros
     mean = whole.total / whole.n if whole.n else 0.0
     if whole.n:
+        # the percentiles of the whole tensor: its key bins are every piece's (counted once per
+        # logical element), gathered from every piece in pass 2
+        exact = all(p.walker.values_exact_in_key_bins for p in pieces)
+        rank_plan = whole.plan_percentiles(info.numel, 1, exact)
+        gathering = kernel_engine.Gathering(rank_plan, bufs) if kernel is not None else None
+        torch_gathering = TorchGathering(rank_plan, device or "cpu") if kernel is None else None
         for p in pieces:  # binned over the whole tensor's range: every piece alike
             if p.acc.n:
-                shift, css, hist = _pass2(kernel, p, mean, whole, device)
+                shift, css, hist = _pass2(kernel, p, mean, whole, device, gathering, torch_gathering)
                 f = p.plan.factor
                 whole.shift += shift * f
                 whole.css += css * f
                 whole.hist = [a + b * f for a, b in zip(whole.hist, hist, strict=True)]
+        whole.percentiles = (gathering or torch_gathering).percentiles()  # type: ignore[union-attr]
     for p in pieces:
         p.walker.release()
+    whole.digest = tensor_digest(info)  # the stitched tensor's bytes in C order
     return whole.result(info.numel, info.numel, 1, mean)
 
 
@@ -94,22 +106,39 @@ def _pass1(kernel: kernel_engine.Kernel | None, acc: Accumulator, chunk: Chunk, 
 
 
 def _pass2(
-    kernel: kernel_engine.Kernel | None, p: _Piece, mean: float, whole: Accumulator, device: str | None
+    kernel: kernel_engine.Kernel | None,
+    p: _Piece,
+    mean: float,
+    whole: Accumulator,
+    device: str | None,
+    gathering: kernel_engine.Gathering | None,
+    torch_gathering: TorchGathering | None,
 ) -> tuple[float, float, list[int]]:
-    """One piece's sum of (x - mean), of (x - mean)^2, and histogram over ``whole``'s range."""
+    """One piece's sum of (x - mean), of (x - mean)^2, and histogram over ``whole``'s range; its
+    values for the whole tensor's percentiles go to the gathering. A piece repeated by an
+    expansion factor (a stride-0 view) is gathered once per repetition."""
     chunks = zip(p.walker.chunks(), p.dirty, strict=True)
     if kernel is not None:  # the kernel engine's own pass 2, binning over the whole range
+        assert gathering is not None
         acc = Accumulator()
         acc.lo, acc.hi = whole.lo, whole.hi
         counts = array("q", bytes(8 * HIST_BINS))
         for chunk, dirty in chunks:
-            kernel_engine._pass2(kernel, acc, chunk, dirty, mean, counts)
+            kernel_engine._pass2(kernel, acc, chunk, dirty, mean, counts, gathering)
+            for _ in range(p.plan.factor - 1):  # the repetitions' values, for the percentiles only
+                kernel_engine._pass2(
+                    kernel, Accumulator(), chunk, dirty, mean, array("q", bytes(8 * HIST_BINS)), gathering
+                )
         return acc.shift, acc.css, counts.tolist()
     lo, scale, where = whole.lo, whole.hist_scale(), device or "cpu"
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=where)
     sums = torch.zeros(2, dtype=torch.float64, device=where)
+    assert torch_gathering is not None
     for chunk, dirty in chunks:
         values = chunk.values if where == "cpu" else chunk.values.to(where)
-        torch_engine._pass2(values[torch.isfinite(values)] if dirty else values, mean, lo, scale, hist, sums)
+        finite = values[torch.isfinite(values)] if dirty else values
+        torch_engine._pass2(finite, mean, lo, scale, hist, sums)
+        for _ in range(p.plan.factor):
+            torch_gathering.add(finite)
     shift, css = sums.tolist()
     return float(shift), float(css), [int(v) for v in hist.cpu().tolist()]

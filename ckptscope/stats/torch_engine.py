@@ -21,6 +21,7 @@ import torch
 from ckptscope.formats.model import TensorInfo
 
 from .model import HIST_BINS, TensorStats
+from .percentiles import KEY_BINS, RankPlan, torch_key_counts, torch_keys
 from .walk import Accumulator, Buffers, TensorWalker, plan_view, unsupported_note
 
 DEVICE_SLICE = 1 << 26  # elements reduced at once on the device
@@ -79,12 +80,55 @@ def tensor_stats_with_torch(
         scale = acc.hist_scale()
         hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of (x - m), of (x - m)^2
+        gathering = TorchGathering(
+            acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins), device
+        )
         for s, s_dirty in zip(slices(), dirty, strict=True):
-            _pass2(s[torch.isfinite(s)] if s_dirty else s, mean, acc.lo, scale, hist, sums)
+            finite = s[torch.isfinite(s)] if s_dirty else s
+            _pass2(finite, mean, acc.lo, scale, hist, sums)
+            gathering.add(finite)
         acc.shift, acc.css = sums.tolist()
         acc.hist = hist.cpu().tolist()
+        acc.percentiles = gathering.percentiles()
     walker.release()
+    acc.digest = walker.digest()
     return acc.result(info.numel, plan.count, plan.factor, mean)
+
+
+class TorchGathering:
+    """Pass 2's side of the percentiles with torch ops (``percentiles.py``): the wanted key bins'
+    values copied to the host, or counted by the next 16 bits of their keys."""
+
+    def __init__(self, plan: RankPlan | None, device: str) -> None:
+        self.plan = plan
+        self.parts: list[torch.Tensor] = []
+        self.lut: torch.Tensor | None = None
+        self.sub: torch.Tensor | None = None
+        if plan is not None and not plan.exact_in_bins:
+            self.lut = torch.frombuffer(bytearray(plan.lut), dtype=torch.uint8).to(device=device, dtype=torch.int64)
+            if not plan.collect:
+                self.sub = torch.zeros(len(plan.bins) * KEY_BINS, dtype=torch.int64, device=device)
+
+    def add(self, finite: torch.Tensor) -> None:
+        if self.lut is None:
+            return
+        top, following = torch_keys(finite)
+        wanted = self.lut[top]
+        mask = wanted > 0
+        if self.sub is None:
+            self.parts.append(finite[mask].to("cpu", torch.float64))
+        else:
+            self.sub += torch.bincount((wanted[mask] - 1) * KEY_BINS + following[mask], minlength=self.sub.numel())
+
+    def percentiles(self) -> dict[str, float] | None:
+        if self.plan is None:
+            return None
+        if self.plan.exact_in_bins:
+            return self.plan.resolve_bins()
+        if self.sub is not None:
+            return self.plan.resolve_counted(self.sub.cpu().numpy())
+        values = torch.cat(self.parts) if self.parts else torch.empty(0, dtype=torch.float64)
+        return self.plan.resolve_collected(values.numpy())
 
 
 def _values(walker: TensorWalker) -> Iterator[torch.Tensor]:
@@ -104,6 +148,8 @@ def _pass1(acc: Accumulator, s: torch.Tensor) -> bool:
         acc.inf += s.numel() - nan - finite.numel()
         s = finite
         total = float(s.sum(dtype=torch.float64))
+    acc.is_double = s.dtype == torch.float64
+    acc.keys += torch_key_counts(s)
     if s.numel():
         lo, hi = torch.aminmax(s)
         acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))

@@ -25,13 +25,16 @@ from ckptscope.formats.gguf_decoding import block_ranges, block_type, decode_int
 from ckptscope.formats.model import DTYPES, TensorInfo, contiguous_stride
 from ckptscope.formats.tensor_views import row_blocks, storage_tensor
 
-from .model import HIST_BINS, TensorStats
+from . import digest as digests
+from .model import HIST_BINS, LogHistogram, TensorStats
+from .percentiles import RankPlan, log_histogram, new_key_counts, plan_ranks
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: fewer Python round trips; the kernel streams it anyway
 RELEASE_BYTES = 16 << 20  # big tensors give their pages back every 16 MiB, in each pass
 WINDOW_BYTES = 64 << 20  # tensors up to this size are mapped once for both passes, released after
 _PAGE = mmap.PAGESIZE
 
+FEW_MANTISSA_BITS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES if hasattr(torch, name)}
 
 
@@ -94,6 +97,7 @@ class Buffers:
         self.raw_f64 = bytearray(CHUNK_ELEMENTS * 8)
         self.f32 = torch.frombuffer(self.raw_f32, dtype=torch.float32)
         self.f64 = torch.frombuffer(self.raw_f64, dtype=torch.float64)
+        self.collect = bytearray()  # pass 2's copies of the values percentiles are selected from
 
 
 class Chunk(NamedTuple):
@@ -118,6 +122,35 @@ class TensorWalker:
         else:
             self.target, self.raw_target = bufs.f32, bufs.raw_f32
         self.in_place = info.dtype in ("float32", "float64")  # dense chunks are the file's own bytes
+        # The digest is taken on the first walk where it sees the logical bytes in C order: a plain
+        # tensor whose walk is row-major (not an expanded or permuted view); else ``digest()``
+        # reads the tensor once more.
+        self.hashes_in_walk = (
+            info.plain and plan.factor == 1 and (not plan.dense or plan.stride == contiguous_stride(plan.shape))
+        )
+        self._digester = digests.new_digester(info) if self.hashes_in_walk else None
+        self._digest: str | None = None
+
+    def digest(self) -> str:
+        """The tensor's content digest (after a first complete walk, or reading it now)."""
+        if self._digest is None:
+            self._digest = digests.tensor_digest(self.info)
+        return self._digest
+
+    def _hash(self, data: memoryview | bytes) -> None:
+        if self._digester is not None:
+            self._digester.update(data)
+
+    def _hashed_all(self) -> None:
+        if self._digester is not None:
+            self._digest = digests.finish(self._digester)
+            self._digester = None
+
+    @property
+    def values_exact_in_key_bins(self) -> bool:
+        """The chunks' float32 values have at most 7 mantissa bits (bfloat16, float8 files): the top
+        16 bits of a key are the whole value."""
+        return self.info.plain and self.info.dtype in FEW_MANTISSA_BITS
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -140,8 +173,10 @@ class TensorWalker:
             yield from dequantized(self.mm, self.info, raw)
         elif self.plan.dense:
             yield from self._dense_chunks()
+            self._hashed_all()
         else:
             yield from self._strided_chunks()
+            self._hashed_all()
 
     def _dense_chunks(self) -> Iterator[Chunk]:
         itemsize = self.info.itemsize
@@ -153,11 +188,12 @@ class TensorWalker:
             n = min(CHUNK_ELEMENTS, self.plan.count - done)
             start = base + done * itemsize
             raw = torch.frombuffer(self.mm, dtype=self.dtype, count=n, offset=start)
-            if self.in_place:
-                with memoryview(self.mm) as whole, whole[start : start + n * itemsize] as view:
+            with memoryview(self.mm) as whole, whole[start : start + n * itemsize] as view:
+                self._hash(view)
+                if self.in_place:
                     yield Chunk(raw, view)
-            else:
-                yield self._written(raw)
+                else:
+                    yield self._written(raw)
             del raw
             done += n
             end = base + done * itemsize
@@ -202,6 +238,8 @@ class TensorWalker:
         view = storage_tensor(self.mm, self.info).as_strided(self.plan.shape, self.plan.stride, self.plan.start)
         for block in row_blocks(view, CHUNK_ELEMENTS):
             for raw in block.reshape(-1).split(CHUNK_ELEMENTS):  # type: ignore[no-untyped-call]
+                if self._digester is not None:
+                    self._hash(raw.contiguous().view(torch.uint8).numpy().data)
                 yield self._written(raw)
 
 
@@ -222,6 +260,21 @@ class Accumulator:
         self.css = 0.0  # sum of (x - m)^2 around the provisional mean m
         self.shift = 0.0  # sum of (x - m)
         self.hist = [0] * HIST_BINS
+        self.is_double = False  # the chunks are float64 (their keys are 64-bit)
+        self.keys = new_key_counts()  # pass 1: values by the top 16 bits of their key (percentiles.py)
+        self.plan: RankPlan | None = None  # pass 2's part in the percentiles, from ``plan_percentiles``
+        self.percentiles: dict[str, float] | None = None
+        self.log_hist: LogHistogram | None = None
+        self.digest: str | None = None
+
+    def plan_percentiles(self, distinct: int, factor: int, exact_in_bins: bool = False) -> RankPlan | None:
+        """After pass 1: the log-magnitude histogram, and which bins pass 2 gathers for the
+        percentiles (None: no finite value). ``distinct`` is the number of distinct elements."""
+        if self.n == 0:
+            return None
+        self.log_hist = log_histogram(self.keys, self.is_double, distinct - self.nonzero, factor)
+        self.plan = plan_ranks(self.keys, factor, self.is_double, exact_in_bins=exact_in_bins and not self.is_double)
+        return self.plan
 
     def hist_scale(self) -> float:
         """Bins per unit: (x - lo) * scale lies in [0, 64]. The cap keeps it finite when hi - lo is
@@ -237,6 +290,9 @@ class Accumulator:
             nan=self.nan * factor,
             inf=self.inf * factor,
             hist=[int(v) * factor for v in bins],
+            percentiles=self.percentiles,
+            log_hist=self.log_hist,
+            digest=self.digest,
         )
         if self.n == 0:
             return stats

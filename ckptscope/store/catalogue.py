@@ -133,9 +133,20 @@ class TensorRow(StatsColumns, Base):  # type: ignore[misc]
     pieces: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a stitched tensor's chunks
     quant: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: a quantized tensor's scheme
     # ... the statistics' columns (StatsColumns), then:
-    hist: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {bins, min, max, note}
+    hist: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {bins, min, max, note, percentiles, log}
+    digest: Mapped[str | None] = mapped_column(String(48), nullable=True, index=True)  # TensorStats.digest
 
     __table_args__ = (Index("ix_tensors_content_name", "content_key", "name"),)
+
+
+class ModuleDigestRow(Base):
+    """A module's content digest (its members under their relative names, ``insights.identity``)."""
+
+    __tablename__ = "module_digests"
+    content_key: Mapped[str] = mapped_column(ForeignKey("contents.key"), primary_key=True)
+    module: Mapped[str] = mapped_column(Text, primary_key=True)  # full module path ("" for the root)
+    digest: Mapped[str] = mapped_column(String(48), index=True)
+    tensor_count: Mapped[int] = mapped_column(Integer)
 
 
 class FileRef(Base):

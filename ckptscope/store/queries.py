@@ -26,7 +26,7 @@ from ckptscope.formats.model import (
     relative_name,
     resolve_root,
 )
-from ckptscope.stats.model import STATISTICS, TensorStats, finite_or_none
+from ckptscope.stats.model import STATISTICS, LogHistogram, TensorStats, finite_or_none
 from ckptscope.stats.tree import build_tree
 
 from .blobs import BlobStore
@@ -37,6 +37,7 @@ from .catalogue import (
     FileRef,
     Job,
     LoginSession,
+    ModuleDigestRow,
     StatsState,
     TensorRow,
     dumps,
@@ -52,6 +53,16 @@ class StoredFile:
     name: str  # display name within the checkpoint
     sha256: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DigestHit:
+    """A tensor or module of a catalogue checkpoint found by its digest."""
+
+    checkpoint: Checkpoint
+    content: Content
+    name: str  # full name (from the whole file's root): tensor name or module path
+    size: int  # the tensor's element count, or the module's tensor count
 
 
 @dataclass(slots=True)
@@ -173,6 +184,7 @@ class CatalogueQueries:
                 on_last_reference(key)
                 shas = list(session.scalars(select(FileRef.sha256).where(FileRef.content_key == key)))
                 session.execute(delete(TensorRow).where(TensorRow.content_key == key))
+                session.execute(delete(ModuleDigestRow).where(ModuleDigestRow.content_key == key))
                 session.execute(delete(FileRef).where(FileRef.content_key == key))
                 session.execute(delete(Content).where(Content.key == key))
                 return shas
@@ -288,18 +300,66 @@ class CatalogueQueries:
                 "min": finite_or_none(s.hist_min),
                 "max": finite_or_none(s.hist_max),
                 "note": s.note,
+                "percentiles": s.percentiles,
+                "log": None if s.log_hist is None else s.log_hist.to_json(),
             }
             param["hist"] = dumps(hist)
+            param["digest"] = s.digest
             params.append(param)
         table = _tensors_table()
-        values: dict[str, Any] = {name: bindparam(name) for name in (*(s.name for s in STATISTICS), "hist")}
+        values: dict[str, Any] = {name: bindparam(name) for name in (*(s.name for s in STATISTICS), "hist", "digest")}
         stmt = (
             update(table)
             .where(table.c.content_key == bindparam("k"), table.c.position == bindparam("p"))
             .values(**values)
         )
         with self.catalogue.engine.begin() as conn:
-            return conn.execute(stmt, params).rowcount
+            updated = conn.execute(stmt, params).rowcount
+            if updated:
+                _save_module_digests(conn, content_key)
+            return updated
+
+    # --- content identity (digests) -----------------------------------------------------------
+
+    def tensors_by_digest(
+        self, digest: str, *, limit: int, exclude: tuple[str, str] | None = None
+    ) -> tuple[int, list[DigestHit]]:
+        """Every catalogue tensor with this digest, one hit per checkpoint naming it (oldest
+        checkpoint first), at most ``limit``, and how many there are. ``exclude``: (checkpoint id,
+        full tensor name) left out (the tensor asked about)."""
+        return self._by_digest(TensorRow, TensorRow.name, TensorRow.position, digest, limit, exclude)
+
+    def modules_by_digest(
+        self, digest: str, *, limit: int, exclude: tuple[str, str] | None = None
+    ) -> tuple[int, list[DigestHit]]:
+        """Every catalogue module with this digest (``insights.identity``), as ``tensors_by_digest``."""
+        return self._by_digest(ModuleDigestRow, ModuleDigestRow.module, ModuleDigestRow.module, digest, limit, exclude)
+
+    def module_digests_of(self, content_key: str, prefix: str = "") -> dict[str, str]:
+        """A content's module digests (full module path -> digest), those at or under ``prefix``."""
+        stmt = select(ModuleDigestRow.module, ModuleDigestRow.digest).where(ModuleDigestRow.content_key == content_key)
+        if prefix:
+            inside = ModuleDigestRow.module.like(_like_prefix(prefix + "."), escape="\\")
+            stmt = stmt.where((ModuleDigestRow.module == prefix) | inside)
+        with self.catalogue.session() as session:
+            return dict(session.execute(stmt).tuples().all())
+
+    def _by_digest(
+        self, table: Any, name: Any, order: Any, digest: str, limit: int, exclude: tuple[str, str] | None
+    ) -> tuple[int, list[DigestHit]]:
+        count = TensorRow.numel if table is TensorRow else ModuleDigestRow.tensor_count
+        stmt = (
+            select(Checkpoint, Content, name, count)
+            .join(Content, Checkpoint.content_key == Content.key)
+            .join(table, table.content_key == Checkpoint.content_key)
+            .where(table.digest == digest)
+        )
+        if exclude is not None:
+            stmt = stmt.where(~((Checkpoint.id == exclude[0]) & (name == exclude[1])))
+        with self.catalogue.session() as session:
+            total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+            rows = session.execute(stmt.order_by(Checkpoint.created_at, Checkpoint.id, order).limit(limit)).all()
+        return total, [DigestHit(c, k, n, int(m)) for c, k, n, m in rows]
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -361,9 +421,34 @@ def row_to_stats(row: TensorRow) -> TensorStats | None:
     for s in STATISTICS:
         v = getattr(row, s.name)
         values[s.name] = v if s.is_float else (v or 0)
+    log = hist.get("log")
     return TensorStats(
-        numel=row.numel, hist=hist["bins"], hist_min=hist["min"], hist_max=hist["max"], note=hist.get("note"), **values
+        numel=row.numel,
+        hist=hist["bins"],
+        hist_min=hist["min"],
+        hist_max=hist["max"],
+        note=hist.get("note"),
+        percentiles=hist.get("percentiles"),
+        log_hist=None if log is None else LogHistogram.from_json(log),
+        digest=row.digest,
+        **values,
     )
+
+
+def _save_module_digests(conn: Any, content_key: str) -> None:
+    """Replace a content's module digests by those of its tensors' current digests (modules with
+    a tensor lacking one are left out)."""
+    from ckptscope.insights.identity import module_identities
+
+    named = conn.execute(select(TensorRow.name, TensorRow.digest).where(TensorRow.content_key == content_key)).all()
+    rows = [
+        {"content_key": content_key, "module": path, "digest": m.digest, "tensor_count": m.tensor_count}
+        for path, m in module_identities((n, d) for n, d in named).items()
+        if m.digest is not None and m.tensor_count
+    ]
+    conn.execute(delete(ModuleDigestRow).where(ModuleDigestRow.content_key == content_key))
+    if rows:
+        conn.execute(cast(Table, ModuleDigestRow.__table__).insert(), rows)
 
 
 def _tensors_table() -> Table:

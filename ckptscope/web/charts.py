@@ -2,7 +2,10 @@
 
 Pure Python (no browser, no FastAPI, no file reading): ticks, bar geometry, a linear or log count
 scale, exact zeros taken out of their bin and shown apart, and percentiles estimated from the
-64-bin histogram. ``templates/histogram.html`` draws what ``histogram_view`` returns.
+64-bin histogram unless the stats engine measured them exactly (``stats.percentiles``); a second chart
+of the values by sign and binary magnitude (``stats.log_hist``): negative magnitudes mirrored on the
+left, the zeros in the middle, positive magnitudes on the right. ``templates/histogram.html`` draws
+what ``histogram_view`` returns.
 
 The bins are the stats engines' (``ckptscope/stats/walk.py``): 64 equal bins over [hist_min,
 hist_max] of the finite values, a value ``x`` in bin ``floor((x - lo) * 64 / (hi - lo))`` clamped
@@ -16,12 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptscope.stats import HIST_BINS, TensorStats
+from ckptscope.stats.model import PERCENTILES as STATS_PERCENTILES
+from ckptscope.stats.model import LogHistogram
 
 # The SVG's user units (the image scales to the panel's width).
 WIDTH = 360.0
 HEIGHT = 210.0
 LEFT, RIGHT, TOP, BOTTOM = 40.0, 10.0, 34.0, 36.0  # margins: count labels, -, percentile labels, value labels
 PERCENTILES: tuple[tuple[str, float], ...] = (("p1", 1), ("p25", 25), ("median", 50), ("p75", 75), ("p99", 99))
+EXACT_KEYS = {"p1": "1", "p25": "25", "median": "50", "p75": "75", "p99": "99"}  # marks -> stats.percentiles keys
+MAX_EXPONENTS = 48  # magnitude chart: binary exponents per side; smaller magnitudes share the lowest slot
 LABEL_CHAR = 5.4  # width of one 9px monospace character, in user units
 ROW_GAP = 10.0  # vertical distance between two rows of percentile labels
 
@@ -41,6 +48,7 @@ class Bar:
     count: int
     title: str  # the hover text: range (or value) and count
     label: str  # the bin's range or the value, for the table
+    side: str = ""  # magnitude chart: "neg" | "zero" | "pos"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,8 @@ class Chart:
     zero: ZeroMark | None = None  # exact zeros, apart from their bin
     percentiles: list[Marker] = field(default_factory=list)  # on the axis (merged where they coincide)
     estimates: list[tuple[str, str]] = field(default_factory=list)  # ("p1", "-0.031"), … for the caption
+    exact: bool = False  # the percentile marks are the engine's exact percentiles, not estimates
+    x_label: str = ""  # the value axis's title (magnitude chart)
     width: float = WIDTH
     height: float = HEIGHT
     left: float = LEFT
@@ -94,6 +104,16 @@ class HistogramView:
     values: list[list[str]] | None = None  # a tiny tensor's values, formatted, in rows
     values_shape: tuple[int, ...] = ()
     values_count: int = 0
+    magnitude: Chart | None = None  # the log-magnitude histogram (stats.log_hist)
+    percentiles: list[PercentileRow] | None = None  # exact percentiles (stats.percentiles)
+    zero_fraction: float | None = None  # zeros / numel
+
+
+@dataclass(frozen=True, slots=True)
+class PercentileRow:
+    key: str  # "0.1" … "99.9" (the stats record's key)
+    label: str  # "p0.1" … "p99.9"
+    value: float
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -300,6 +320,33 @@ def _stagger(markers: list[tuple[str, float, float, str]], top: float) -> list[M
     return out
 
 
+def exact_marks(stats: TensorStats) -> list[float | None] | None:
+    """The chart's percentile marks (p1, p25, median, p75, p99) from the engine's exact percentiles;
+    None when it did not measure them (older statistics), and the chart estimates them instead."""
+    exact = stats.percentiles
+    if not exact or any(EXACT_KEYS[n] not in exact for n, _ in PERCENTILES):
+        return None
+    out: list[float | None] = []
+    for n, _ in PERCENTILES:
+        v = exact[EXACT_KEYS[n]]
+        out.append(float(v) if v is not None and math.isfinite(v) else None)
+    return out
+
+
+def percentile_rows(stats: TensorStats) -> list[PercentileRow] | None:
+    """The exact percentiles of the finite values (0.1 … 99.9), in order; None when not measured."""
+    exact = stats.percentiles
+    if not exact:
+        return None
+    rows = [PercentileRow(k, f"p{k}", float(exact[k])) for k in STATS_PERCENTILES if exact.get(k) is not None]
+    return rows or None
+
+
+def zero_fraction(stats: TensorStats) -> float | None:
+    """The share of elements equal to zero (NaN and Inf count in the denominator)."""
+    return stats.zeros / stats.numel if stats.numel > 0 else None
+
+
 def bins_chart(stats: TensorStats, *, log: bool = False, name: str = "") -> Chart | None:
     """The 64-bin histogram of ``stats``: bars, value and count ticks, zeros apart, percentiles.
     None when there is no histogram (no finite value) or the range is a single value."""
@@ -358,8 +405,13 @@ def bins_chart(stats: TensorStats, *, log: bool = False, name: str = "") -> Char
     step = nice_step(hi - lo, 4)
     x_ticks = [Tick(round(x_of(v), 2), tick_label(v, step)) for v in nice_ticks(lo, hi, 4)]
     total = sum(hist)
-    values = hist_percentiles(hist, lo, hi, [q for _, q in PERCENTILES], zeros)
-    marks = [(n, v, x_of(v), number(v)) for (n, _), v in zip(PERCENTILES, values, strict=True) if v is not None]
+    exact = exact_marks(stats)
+    values = exact if exact is not None else hist_percentiles(hist, lo, hi, [q for _, q in PERCENTILES], zeros)
+    marks = [
+        (n, v, x_of(min(max(v, lo), hi)), number(v))
+        for (n, _), v in zip(PERCENTILES, values, strict=True)
+        if v is not None
+    ]
     percentiles = _stagger(marks, top)
     summary = (
         f"Histogram of {name or 'the tensor'}: {total:,} finite values in {bins} bins from {number(lo)} to "
@@ -371,7 +423,7 @@ def bins_chart(stats: TensorStats, *, log: bool = False, name: str = "") -> Char
         summary += f"; {stats.nan:,} NaN and {stats.inf:,} infinite values not counted"
     estimates = [(n, text) for n, _, _, text in marks]
     if estimates:
-        summary += "; median ≈ " + dict(estimates).get("median", "-")
+        summary += ("; median = " if exact is not None else "; median ≈ ") + dict(estimates).get("median", "-")
     return Chart(
         kind="bins",
         log=log,
@@ -382,6 +434,7 @@ def bins_chart(stats: TensorStats, *, log: bool = False, name: str = "") -> Char
         zero=zero_mark,
         percentiles=percentiles,
         estimates=estimates,
+        exact=exact is not None,
     )
 
 
@@ -419,6 +472,138 @@ def values_chart(
     )
 
 
+# --- the log-magnitude histogram ----------------------------------------------------------------
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def pow2(e: int, sign: str = "") -> str:
+    """A power of two for an axis label: ``2⁻⁸``, ``-2¹⁰``."""
+    return f"{sign}2{str(e).translate(_SUPERSCRIPT)}"
+
+
+def pow2_text(e: int, sign: str = "") -> str:
+    """A power of two for titles and screen readers: ``2^-8 (0.0039062)``."""
+    return f"{sign}2^{e} ({number(float(sign + '1') * 2.0**e)})"
+
+
+def _label_step(slot: float, width: float) -> int:
+    """Exponents between two labelled ticks, so labels ``width`` wide do not touch."""
+    for step in (1, 2, 4, 5, 8, 10, 16, 20, 32, 50, 64, 100):
+        if step * slot >= width:
+            return step
+    return 128
+
+
+def _spaced(ticks: list[Tick]) -> list[Tick]:
+    """The first tick (the zero) and those of the others, innermost first, whose labels do not
+    overlap a kept one; in axis order."""
+    kept = ticks[:1]
+    centre = ticks[0].pos if ticks else 0.0
+    for t in sorted(ticks[1:], key=lambda t: abs(t.pos - centre)):
+        if all(abs(t.pos - k.pos) >= (len(t.label) + len(k.label)) * LABEL_CHAR / 2 + 2 for k in kept):
+            kept.append(t)
+    return sorted(kept, key=lambda t: t.pos)
+
+
+def magnitude_chart(hist: LogHistogram | None, *, log: bool = False, name: str = "") -> Chart | None:
+    """The finite values by sign and binary magnitude: one slot per exponent ``e`` (2**e <= |x| <
+    2**(e+1)), negative values mirrored on the left (largest magnitudes outermost), the zeros in the
+    middle slot, positive values on the right; both sides span the same exponents. Over
+    ``MAX_EXPONENTS`` exponents, the smallest magnitudes share the lowest slot. None when empty."""
+    if hist is None:
+        return None
+    total = sum(hist.neg.values()) + hist.zero + sum(hist.pos.values())
+    if total <= 0:
+        return None
+    exps = [*hist.neg, *hist.pos]
+    e_hi = max(exps) if exps else 0
+    e_lo = min(exps) if exps else 0
+    clipped = e_hi - e_lo + 1 > MAX_EXPONENTS
+    if clipped:
+        e_lo = e_hi - MAX_EXPONENTS + 1
+
+    def merged(side: dict[int, int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for e, c in side.items():
+            out[max(e, e_lo)] = out.get(max(e, e_lo), 0) + c
+        return out
+
+    neg, pos = merged(hist.neg), merged(hist.pos)
+    n = e_hi - e_lo + 1 if exps else 0
+    left, right, top, bottom = LEFT, WIDTH - RIGHT, TOP - 20, HEIGHT - BOTTOM
+    plot_w, plot_h = right - left, bottom - top
+    slot = plot_w / (2 * n + 1)
+    gap = min(1.0, slot * 0.15)
+    scale = _CountScale(max([*neg.values(), *pos.values(), hist.zero]), plot_h, log)
+    bars: list[Bar] = []
+
+    def bar(index: int, count: int, label: str, side: str) -> None:
+        h = scale(count)
+        title = f"{label}: {count:,}"
+        bars.append(
+            Bar(
+                round(left + index * slot, 2),
+                round(bottom - h, 2),
+                round(slot - gap, 2),
+                round(h, 2),
+                count,
+                title,
+                label,
+                side,
+            )
+        )
+
+    def bucket(e: int, sign: str) -> str:
+        low = f"0 < |x| < {pow2_text(e + 1)}" if clipped and e == e_lo else ""
+        if sign:
+            return low.replace("|x|", "-x") if low else f"{pow2_text(e + 1, '-')} < x <= {pow2_text(e, '-')}"
+        return low.replace("|x|", "x") if low else f"{pow2_text(e)} <= x < {pow2_text(e + 1)}"
+
+    for i, e in enumerate(range(e_hi, e_hi - n, -1)):  # left: -2**e_hi … -2**e_lo
+        bar(i, neg.get(e, 0), bucket(e, "-"), "neg")
+    bar(n, hist.zero, "exactly 0", "zero")
+    for i, e in enumerate(range(e_lo, e_lo + n)):  # right: 2**e_lo … 2**e_hi
+        bar(n + 1 + i, pos.get(e, 0), bucket(e, ""), "pos")
+
+    # ticks on slot edges: -2**e on the right edge of its negative slot, 2**e on the left edge of its positive one
+    step = _label_step(slot, (len(pow2(e_lo, "-")) + 1) * LABEL_CHAR)
+    x_ticks = [Tick(round(left + (n + 0.5) * slot, 2), "0")]
+    for e in range(e_lo, e_hi + 2) if exps else ():
+        if (e % step) or (clipped and e == e_lo):
+            continue
+        x_ticks.append(Tick(round(left + (e_hi - e + 1) * slot, 2), pow2(e, "-")))
+        x_ticks.append(Tick(round(left + (n + 1 + e - e_lo) * slot, 2), pow2(e)))
+    x_ticks = _spaced(x_ticks)
+
+    neg_total, pos_total = sum(neg.values()), sum(pos.values())
+    parts = [f"Magnitude histogram of {name or 'the tensor'}: {total:,} finite values by power of two"]
+    if neg_total:
+        ne = sorted(e for e, c in hist.neg.items() if c)
+        parts.append(f"{neg_total:,} negative, magnitudes from 2^{ne[0]} to 2^{ne[-1] + 1}, on the left")
+    else:
+        parts.append("no negative values")
+    parts.append(f"{hist.zero:,} zeros in the middle")
+    if pos_total:
+        pe = sorted(e for e, c in hist.pos.items() if c)
+        parts.append(f"{pos_total:,} positive, from 2^{pe[0]} to 2^{pe[-1] + 1}, on the right")
+    else:
+        parts.append("no positive values")
+    summary = "; ".join(parts) + f"; {'log' if log else 'linear'} count scale"
+    if clipped:
+        summary += f"; magnitudes below 2^{e_lo + 1} share the innermost slots"
+    return Chart(
+        kind="magnitude",
+        log=log,
+        bars=bars,
+        x_ticks=x_ticks,
+        y_ticks=_y_ticks(scale, bottom),
+        summary=summary,
+        top=top,
+        x_label="−  magnitude (powers of two)  +",
+    )
+
+
 def histogram_view(
     stats: TensorStats,
     *,
@@ -449,4 +634,7 @@ def histogram_view(
         values=rows,
         values_shape=shape,
         values_count=len(values) if values is not None else 0,
+        magnitude=magnitude_chart(stats.log_hist, log=log, name=name),
+        percentiles=percentile_rows(stats),
+        zero_fraction=zero_fraction(stats),
     )

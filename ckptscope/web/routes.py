@@ -15,9 +15,12 @@ from ckptscope.errors import Invalid, NotFound
 from ckptscope.http import csrf
 from ckptscope.http.deps import MAX_PAGE, CoreDep
 from ckptscope.http.uploads import receive_uploads
+from ckptscope.insights.findings import SEVERITIES
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
+from ckptscope.services import identity
 from ckptscope.services import values as tensor_values
+from ckptscope.services.insights import Insights, checkpoint_insights
 from ckptscope.services.operations import Renamer
 from ckptscope.services.selection import normalize_mapping, parse_pairs
 
@@ -25,8 +28,10 @@ from .charts import HistogramView, histogram_view
 from .templating import is_htmx, render
 
 if TYPE_CHECKING:
+    from ckptscope.core import Core
     from ckptscope.formats import TensorInfo
     from ckptscope.stats import TensorStats
+    from ckptscope.store.catalogue import Content
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 50
@@ -88,6 +93,7 @@ def checkpoint_page(
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     size: Annotated[int, Query(ge=1, le=PAGE_SIZES[-1])] = PAGE_SIZE,
     hist: Annotated[str, Query(pattern="^(|linear|log)$")] = "",
+    module: str = "",
 ) -> Response:
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
@@ -116,7 +122,13 @@ def checkpoint_page(
         except NotFound as exc:
             detail_error = exc.detail
     tree = svc.module_tree(core, content, root)
+    found = _insights(core, content, root)
+    tree_open = _module_chain(module) if module else ()  # ?module=: the tree opened down to it (a findings link)
     context = {
+        "insights": found,
+        "detail_init": found.init.get(tensor) if found is not None and detail is not None and tensor else None,
+        "tree_open": tree_open,
+        "target_module": module or None,
         "ckpt": row,
         "content": content,
         "created": request.cookies.get(CREATED_COOKIE) == row.id,  # just written by an export or a copy
@@ -133,6 +145,8 @@ def checkpoint_page(
         "detail": detail,
         "detail_error": detail_error,
         "histogram": _histogram(detail, log=hist == "log"),
+        # _identical.html: the other catalogue tensors identical to the shown one (by digest)
+        "identical": identity.identical_elsewhere(core, row.id, root, detail[0].name, detail[1]) if detail else None,
         "selected": tensor,
         "progress": svc.progress(core, content),
         "files": svc.files_of(core, content.key),
@@ -184,6 +198,7 @@ def tree_children(
     params = {"root": root if root != content.default_root else None}
     shown_open = frozenset(opened or ())
     context = {
+        "insights": _insights(core, content, root),
         "ckpt": row,
         "node": node,
         "params": params,
@@ -192,6 +207,38 @@ def tree_children(
         "open_paths": shown_open,
     }
     return render(request, "checkpoint.html", context, "tree_children")
+
+
+def _insights(core: Core, content: Content, root: str) -> Insights | None:
+    """Findings, init verdicts and module roll-ups for the tree badges and the detail, once the
+    stats are done (before, the tree and the detail come back on stats-ready anyway)."""
+    if svc.progress(core, content) is not None:
+        return None
+    return checkpoint_insights(core, content, root)
+
+
+def _module_chain(path: str) -> tuple[str, ...]:
+    """A module and the modules above it: ``a.b.c`` -> ``("a", "a.b", "a.b.c")``."""
+    parts = path.split(".")
+    return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+
+
+@router.get("/checkpoints/{checkpoint_id}/findings", response_class=HTMLResponse)
+def findings(request: Request, checkpoint_id: str, core: CoreDep, root: str | None = None) -> Response:
+    """The findings panel, loaded by htmx after the page (and again on stats-ready), so the page
+    never waits for the rules."""
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    found = checkpoint_insights(core, content, root)
+    rank = {sev: i for i, sev in enumerate(reversed(SEVERITIES))}  # errors first
+    context = {
+        "ckpt": row,
+        "params": {"root": root if root != content.default_root else None},
+        "insights": found,
+        "findings": sorted(found.findings, key=lambda f: rank.get(f.severity, len(rank))),
+        "stats": svc.progress(core, content),  # None when done, else {"state": "pending" | "running" | "failed", …}
+    }
+    return render(request, "checkpoint.html", context, "findings")
 
 
 def page_links(page: int, pages: int, around: int = 2) -> list[int | None]:
@@ -338,6 +385,58 @@ def compare(
         rows = [r for r in result["tensors"] if show == "all" or r["status"] != "identical"]
     context = {"items": items, "a": a, "b": b, "result": result, "rows": rows, "show": show, "pick_error": pick_error}
     return render(request, "compare.html", context)
+
+
+# --- the detail panel's preview and spectrum (_preview.html); the tensor is a query parameter, so
+# any name (dots, slashes, "..") makes a working URL ---------------------------------------------
+
+
+@router.get("/checkpoints/{checkpoint_id}/preview.png")
+def preview_png(
+    checkpoint_id: str,
+    core: CoreDep,
+    tensor: str,
+    root: str | None = None,
+    reduce: Annotated[str, Query(pattern="^(mean|absmax)$")] = "mean",
+    index: Annotated[str | None, Query(max_length=1300)] = None,
+) -> Response:
+    from ckptscope.services import previews
+
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    image = previews.tensor_preview(core, content, root, tensor, reduce, previews.parse_index(index))
+    return Response(image.png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/checkpoints/{checkpoint_id}/preview", response_class=HTMLResponse)
+def preview_fragment(
+    request: Request,
+    checkpoint_id: str,
+    core: CoreDep,
+    tensor: str,
+    root: str | None = None,
+    reduce: Annotated[str, Query(pattern="^(mean|absmax)$")] = "mean",
+) -> Response:
+    from ckptscope.services import previews
+
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    view = previews.preview_view(core, content, root, tensor, reduce)
+    context = {"ckpt": row, "root": root, "selected": tensor, "preview": view}
+    return render(request, "_preview.html", context, "preview")
+
+
+@router.get("/checkpoints/{checkpoint_id}/spectrum", response_class=HTMLResponse)
+def spectrum_fragment(
+    request: Request, checkpoint_id: str, core: CoreDep, tensor: str, root: str | None = None
+) -> Response:
+    from ckptscope.services import previews
+
+    row, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    view = previews.spectrum_view(core, content, root, tensor)
+    context = {"ckpt": row, "root": root, "selected": tensor, "spectrum": view}
+    return render(request, "_preview.html", context, "spectrum")
 
 
 @router.get("/docs", response_class=HTMLResponse)

@@ -16,7 +16,12 @@ from pydantic import ValidationError
 from ckptscope import errors
 from ckptscope.config import Settings
 from ckptscope.http import problems
+from ckptscope.insights.preview import PreviewError
+from ckptscope.insights.rules import RuleError
+from ckptscope.insights.spectrum import SpectrumError
 from ckptscope.metrics import Metrics
+from ckptscope.services.check import StatsNotReady
+from ckptscope.services.identity import CopyNotVerified, CopyVerification
 from ckptscope.web.templating import RENDERER
 from tests import factories as f
 from tests.helpers import upload, wait_stats
@@ -37,6 +42,13 @@ ERRORS = {
     errors.Invalid: lambda: errors.Invalid("wrong"),
     errors.UnsupportedOutput: lambda: errors.UnsupportedOutput("cannot store"),
     errors.TooLarge: lambda: errors.TooLarge(10),
+    RuleError: lambda: RuleError("bad rule 'nan-ish': unknown"),
+    PreviewError: lambda: PreviewError("a 0-d tensor has no preview"),
+    SpectrumError: lambda: SpectrumError("a 1-d tensor has no spectrum"),
+    StatsNotReady: lambda: StatsNotReady("statistics are still being computed"),
+    CopyNotVerified: lambda: CopyNotVerified(
+        CopyVerification(mismatched=[{"target": "w", "source": "w", "expected": "x", "written": "y"}])
+    ),
 }
 
 

@@ -26,6 +26,16 @@ def hist() -> array:
     return array("q", bytes(8 * 64))
 
 
+def keys() -> array:
+    return array("q", bytes(8 * 65536))
+
+
+def pass2(values, count, is_double, dirty, mean, lo, scale, h, lut=b"", out=None, collected=0, sub=None):
+    out = bytearray() if out is None else out
+    sub = bytearray() if sub is None else sub
+    return kernel.pass2(values, count, is_double, dirty, mean, lo, scale, h, lut, out, collected, sub)
+
+
 @pytest.mark.parametrize(
     ("buffer", "count", "is_double"),
     [
@@ -39,24 +49,61 @@ def hist() -> array:
 )
 def test_wrong_lengths_raise_before_reading(buffer, count, is_double):
     with pytest.raises(ValueError):
-        kernel.pass1(buffer, count, is_double)
+        kernel.pass1(buffer, count, is_double, keys())
     with pytest.raises(ValueError):
-        kernel.pass2(buffer, count, is_double, False, 0.0, 0.0, 1.0, hist())
+        pass2(buffer, count, is_double, False, 0.0, 0.0, 1.0, hist())
+
+
+def test_wrong_key_and_percentile_buffers_are_refused():
+    values = f32(1, 2, 3)
+    with pytest.raises(ValueError):
+        kernel.pass1(values, 3, False, array("q", bytes(8 * 65535)))
+    with pytest.raises(TypeError):
+        kernel.pass1(values, 3, False, bytes(8 * 65536))  # read-only
+    with pytest.raises(ValueError):  # a lut of the wrong size
+        pass2(values, 3, False, False, 2.0, 1.0, 32.0, hist(), lut=bytes(100), out=bytearray(64))
+    lut = bytearray(65536)
+    lut[0xBF80] = 2  # bin 2 wanted: the sub-bin counts must hold 2 * 65536
+    with pytest.raises(ValueError):
+        pass2(values, 3, False, False, 2.0, 1.0, 32.0, hist(), lut=bytes(lut), sub=array("q", bytes(8 * 65536)))
+    for collected in (-2, 100):  # a count outside the collection buffer
+        with pytest.raises(ValueError):
+            pass2(
+                values, 3, False, False, 2.0, 1.0, 32.0, hist(), lut=bytes(lut), out=bytearray(16), collected=collected
+            )
+    with pytest.raises(ValueError):  # not a whole number of values
+        pass2(values, 3, False, False, 2.0, 1.0, 32.0, hist(), lut=bytes(lut), out=bytearray(7))
+
+
+@pytest.mark.parametrize("dirty", [False, True])
+def test_a_collection_that_would_overflow_stops_at_its_end(dirty):
+    """More values in the wanted bins than pass 1 counted (the file changed): nothing is written
+    past the buffer, and the count says so."""
+    values = f32(*([1.0] * 5000))
+    lut = bytearray(65536)
+    lut[0xBF80] = 1  # the key bin of 1.0
+    whole = bytearray(4 * 11) + bytearray(b"\xaa" * 64)  # the collection buffer, then a guard
+    out = memoryview(whole)[: 4 * 11]
+    shift, css, collected = pass2(values, 5000, False, dirty, 1.0, 1.0, 0.0, hist(), lut=bytes(lut), out=out)
+    assert collected == -1 and whole[4 * 11 :] == bytearray(b"\xaa" * 64)
+    out = bytearray(4 * 5001)
+    *_, collected = pass2(values, 5000, False, dirty, 1.0, 1.0, 0.0, hist(), lut=bytes(lut), out=out)
+    assert collected == 5000 and array("f", bytes(out[: 4 * 5000])).tolist() == [1.0] * 5000
 
 
 def test_addresses_and_bad_histograms_are_refused():
     values = f32(1, 2, 3)
     with pytest.raises(TypeError):
-        kernel.pass1(id(values), 3, False)  # a bare address is not a buffer
+        kernel.pass1(id(values), 3, False, keys())  # a bare address is not a buffer
     with pytest.raises(ValueError):
-        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, array("q", bytes(8 * 63)))
+        pass2(values, 3, False, False, 0.0, 0.0, 1.0, array("q", bytes(8 * 63)))
     with pytest.raises(TypeError):
-        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, bytes(8 * 64))  # read-only
+        pass2(values, 3, False, False, 0.0, 0.0, 1.0, bytes(8 * 64))  # read-only
     with pytest.raises(ValueError):  # int64 counts at an odd address
-        kernel.pass2(values, 3, False, False, 0.0, 0.0, 1.0, memoryview(bytearray(8 * 64 + 1))[1:])
+        pass2(values, 3, False, False, 0.0, 0.0, 1.0, memoryview(bytearray(8 * 64 + 1))[1:])
     for scale, lo in ((-1.0, 0.0), (math.nan, 0.0), (math.inf, 0.0), (1.0, math.nan), (1.0, math.inf)):
         with pytest.raises(ValueError):
-            kernel.pass2(values, 3, False, False, 0.0, lo, scale, hist())
+            pass2(values, 3, False, False, 0.0, lo, scale, hist())
 
 
 @pytest.mark.parametrize("is_double", [False, True])
@@ -66,7 +113,7 @@ def test_values_outside_the_pass1_range_land_in_the_end_bins(is_double, dirty):
     values = [-3e9, -1e-3, 0.0, 10.5, 63.9, 64.0, 1e30, 3.0e38]
     pack = f64 if is_double else f32
     h = hist()
-    kernel.pass2(pack(*values), len(values), is_double, dirty, 32.0, 0.0, 1.0, h)
+    pass2(pack(*values), len(values), is_double, dirty, 32.0, 0.0, 1.0, h)
     counts = h.tolist()
     assert sum(counts) == len(values)
     assert counts[0] == 3 and counts[10] == 1 and counts[63] == 4, counts
@@ -75,15 +122,15 @@ def test_values_outside_the_pass1_range_land_in_the_end_bins(is_double, dirty):
 def test_values_at_any_alignment_are_read(tmp_path):
     """File-mapped chunks start at any offset: values at an odd address are read exactly."""
     raw = bytearray(1) + f32(1.0, 2.0, 3.0, 4.0)
-    finite, total, lo, hi, *_ = kernel.pass1(memoryview(raw)[1:], 4, False)
+    finite, total, lo, hi, *_ = kernel.pass1(memoryview(raw)[1:], 4, False, keys())
     assert (finite, total, lo, hi) == (4, 10.0, 1.0, 4.0)
     h = hist()
-    kernel.pass2(memoryview(raw)[1:], 4, False, False, 2.5, 1.0, 64 / 3, h)
+    pass2(memoryview(raw)[1:], 4, False, False, 2.5, 1.0, 64 / 3, h)
     assert sum(h.tolist()) == 4 and h[0] == 1 and h[63] == 1
 
 
 def test_nan_in_a_chunk_that_pass1_called_clean_does_not_escape_the_histogram():
     h = hist()
     values = f32(1.0, math.nan, 2.0, -math.inf, math.inf)
-    kernel.pass2(values, 5, False, False, 1.5, 1.0, 64.0, h)  # dirty=False: the fast loop sees them
+    pass2(values, 5, False, False, 1.5, 1.0, 64.0, h)  # dirty=False: the fast loop sees them
     assert sum(h.tolist()) == 5 and all(c >= 0 for c in h.tolist())

@@ -149,8 +149,18 @@ def test_misaligned_buffers_are_read_without_undefined_behaviour(tmp_path):
 
         kernel = load(Path({str(built)!r}))
         raw = bytearray(1) + array("f", [1.0, 2.0, 3.0, 4.0]).tobytes()  # float32 at an odd address
-        kernel.pass1(memoryview(raw)[1:], 4, False)
-        kernel.pass2(memoryview(raw)[1:], 4, False, False, 2.5, 1.0, 16.0, array("q", bytes(512)))
+        kernel.pass1(memoryview(raw)[1:], 4, False, array("q", bytes(8 * 65536)))
+        lut = bytearray(65536)
+        lut[0xBF80] = 1  # the key bin of 1.0: collected, then counted
+        hist = array("q", bytes(512))
+        out = memoryview(bytearray(21))[1:]  # the collected values are stored at an odd address too
+        *_, got = kernel.pass2(
+            memoryview(raw)[1:], 4, False, False, 2.5, 1.0, 16.0, hist, bytes(lut), out, 0, bytearray()
+        )
+        assert got == 1 and array("f", out[:4].tobytes()).tolist() == [1.0], (got, out.tobytes())
+        sub = array("q", bytes(8 * 65536))
+        kernel.pass2(memoryview(raw)[1:], 4, False, True, 2.5, 1.0, 16.0, hist, bytes(lut), bytearray(), 0, sub)
+        assert sub[0] == 1 and sum(sub) == 1  # 1.0's key 0xBF800000: its next 16 bits are 0
         """
     )
     env = os.environ | sk.sanitizer_env(LIBASAN, log_path=tmp_path / "sanitizer") | {"PYTHONPATH": str(ROOT)}

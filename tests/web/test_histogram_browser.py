@@ -89,11 +89,11 @@ def test_histogram_with_zeros_apart_chips_and_log_toggle(site, page, artifacts_d
     assert chart.locator("path.hist-zero > title").text_content() == f"0: {zeros:,} exact zeros"
     assert chart.locator("[data-chip=nan]").inner_text() == "NaN: 1"
     assert chart.locator("[data-chip=inf]").inner_text() == "±Inf: 2"
-    # axes with ticks and labels; percentiles from the histogram
+    # axes with ticks and labels; the percentiles (exact, from the stats engine)
     assert chart.locator("text.hist-x-label").count() >= 2
     assert "0" in chart.locator("text.hist-x-label").all_text_contents()
     assert chart.locator("text.hist-y-label").count() >= 2
-    assert "≈ from the histogram" in chart.locator("figcaption").inner_text()
+    assert "Percentiles (exact):" in chart.locator("figcaption").inner_text()  # issue 15: the engine's own
     assert chart.locator("[data-percentile=median]").inner_text() == "median 0"  # 90% zeros
     assert chart.locator("details.hist-table tr").count() == 64 + 2  # header, exactly 0, 64 bins
     linear = bar_heights(page)

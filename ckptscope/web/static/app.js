@@ -215,6 +215,12 @@ document.addEventListener("htmx:configRequest", function (event) {
     try { stored = window.localStorage.getItem("ckptscope.treeCollapsed") || ""; } catch (e) { /* storage off */ }
     if (stored) setTreeCollapsed(true);
     markSelected();
+    // a findings link to a module (?module=): the server rendered the tree open down to it
+    var target = document.querySelector('#tree li[data-finding-target="true"]');
+    if (target) {
+      target.focus({ preventScroll: true });
+      target.scrollIntoView({ block: "center" });
+    }
   });
 })();
 // ---- end checkpoint page ----

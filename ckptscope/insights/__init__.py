@@ -1,0 +1,1 @@
+"""Insights: answers computed from a checkpoint's listing and statistics (pure logic, no FastAPI)."""

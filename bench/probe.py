@@ -7,6 +7,7 @@ imports, before the operation), peak_mib (VmHWM after it) and task-specific numb
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -71,9 +72,10 @@ def stats_ckptscope(path: str, device: str = "") -> dict:
     except ImportError:
         pass
     else:
-        t = time.perf_counter()
-        analyse([(info, stats[info.name]) for info in ckpt.tensors])
-        insight_seconds = time.perf_counter() - t
+        if os.environ.get("CKPTSCOPE_BENCH_INSIGHTS") == "1":
+            t = time.perf_counter()
+            analyse([(info, stats[info.name]) for info in ckpt.tensors])
+            insight_seconds = time.perf_counter() - t
     return {
         "seconds": seconds + insight_seconds,
         "insight_seconds": insight_seconds,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ckptscope"
 FACES = {"web", "api", "http", "cli", "main"}
-DOMAIN = {"formats", "stats", "store"}
+DOMAIN = {"formats", "stats", "store", "insights"}
 WEB_FRAMEWORKS = ("fastapi", "starlette", "uvicorn", "jinja2", "python_multipart")
 
 

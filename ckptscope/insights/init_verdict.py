@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Literal
 
+from ckptscope.formats.model import TensorInfo
 from ckptscope.stats.model import PERCENTILES, TensorStats
 
 Verdict = Literal["init", "trained", "unknown"]
@@ -88,6 +89,13 @@ class InitVerdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "matches": self.matches, "score": self.score}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InitVerdict:
+        verdict = data.get("verdict")
+        if verdict not in ("init", "trained", "unknown"):
+            return UNKNOWN
+        return cls(verdict, data.get("matches"), data.get("score"))
 
 
 UNKNOWN = InitVerdict("unknown", None, None)
@@ -431,6 +439,14 @@ def init_verdict(
             break
     score, label = best
     return InitVerdict("init" if score <= INIT_SCORE else "trained", label, round(score, 3))
+
+
+def verdict_for(t: TensorInfo, stats: TensorStats | None, module_types: Mapping[str, str] | None = None) -> InitVerdict:
+    """``init_verdict`` of a listed tensor: its module's class from ``module_types`` (module path ->
+    class, in the same naming as ``t.name``), decoded or dequantized values judged as their format."""
+    module = t.name.rpartition(".")[0]
+    dtype = t.dtype if t.plain else t.shown_dtype
+    return init_verdict(t.name, t.shape, stats, kind=t.kind, module_type=(module_types or {}).get(module), dtype=dtype)
 
 
 def is_weight(name: str) -> bool:

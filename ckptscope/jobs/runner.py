@@ -19,10 +19,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
 
+from ckptscope.insights.init_verdict import verdict_for
 from ckptscope.metrics import Metrics
 from ckptscope.stats.engine import Engine, StatsCancelled, choose_engine, compute_stats
 from ckptscope.stats.torch_engine import resolve_device
@@ -232,7 +234,12 @@ class JobRunner:
                 cancelled=cancelled,
                 engine=self.engine,
             )
-            updated = self.queries.save_stats(key, {pos: stats[info.name] for pos, info in infos})
+            module_types = self.queries.module_types_of(key)
+            judged = {  # each tensor's init verdict, once here, read by every page and API call after
+                pos: replace(stats[info.name], init=verdict_for(info, stats[info.name], module_types).to_json())
+                for pos, info in infos
+            }
+            updated = self.queries.save_stats(key, judged)
             if not self._set_own_content(key, stats_state=StatsState.DONE, stats_owner=None) or (infos and not updated):
                 raise StatsCancelled()  # the checkpoint was deleted (or taken over) while its stats ran
             self._set_job(job_id, state=JobState.DONE, done=total, finished_at=utcnow())

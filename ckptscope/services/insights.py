@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ckptscope.formats import TensorInfo
 from ckptscope.formats.model import module_types_under
 from ckptscope.insights.findings import SEVERITIES, Finding, TensorFacts, Thresholds, find
-from ckptscope.insights.init_verdict import InitVerdict, init_verdict, untrained_by_module
+from ckptscope.insights.init_verdict import InitVerdict, untrained_by_module, verdict_for
 from ckptscope.stats import TensorStats
 from ckptscope.store.catalogue import Content, StatsState
 
@@ -59,10 +59,11 @@ def _module_paths(name: str) -> list[str]:
 
 
 def tensor_init(t: TensorInfo, stats: TensorStats | None, module_types: Mapping[str, str] | None = None) -> InitVerdict:
-    """A tensor's init verdict (``module_types``: module path -> class name, relative to its root)."""
-    module = t.name.rpartition(".")[0]
-    dtype = t.dtype if t.plain else t.shown_dtype  # decoded or dequantized values: judged as their format
-    return init_verdict(t.name, t.shape, stats, kind=t.kind, module_type=(module_types or {}).get(module), dtype=dtype)
+    """A tensor's init verdict: the one the stats job stored with its stats, else judged now
+    (``verdict_for``; ``module_types``: module path -> class name, relative to its root)."""
+    if stats is not None and stats.init is not None:
+        return InitVerdict.from_json(stats.init)
+    return verdict_for(t, stats, module_types)
 
 
 def init_json(t: TensorInfo, stats: TensorStats | None, module_types: Mapping[str, str] | None = None) -> Any:

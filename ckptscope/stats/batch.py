@@ -8,6 +8,7 @@ import math
 import mmap
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ckptscope.formats.model import DTYPES, TensorInfo, contiguous_stride
@@ -90,7 +91,7 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None =
     if not clean:
         idx = torch.where(finite, idx, k * HIST_BINS)
     hist = torch.bincount(idx, minlength=k * HIST_BINS + 1)[: k * HIST_BINS].view(k, HIST_BINS).tolist()
-    percentiles = _percentiles(x, seg, finite, nf, k)
+    percentiles = _percentiles(x, seg, finite, nf, k, all(t.dtype in NARROW for t in infos))
     log_hists = _log_histograms(x, seg, finite, infos, k)
     out = []
     for i, (t, n, cs, m, a, b, z, na, inn) in enumerate(
@@ -116,8 +117,7 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None =
             stats.hist_min, stats.hist_max = a, b
             stats.percentiles = dict(zip(PERCENTILES, percentiles[i], strict=True))
             stats.log_hist = log_hists[i]
-        plan = plan_view(t)
-        if plan.stride == contiguous_stride(plan.shape):  # the byte range is the values in C order
+        if t.stride == contiguous_stride(t.shape) or _row_major(t):  # the byte range is the values in C order
             stats.digest = digests.digest_of_bytes(t, memoryview(mm)[t.data_offset : t.data_offset + t.nbytes])
         else:  # a permuted view: hashed in its logical order
             stats.digest = digests.tensor_digest(t)
@@ -125,15 +125,39 @@ def batch_stats(mm: mmap.mmap, infos: Sequence[TensorInfo], device: str | None =
     return out
 
 
+def _row_major(t: TensorInfo) -> bool:
+    plan = plan_view(t)
+    return plan.stride == contiguous_stride(plan.shape)
+
+
+# dtypes whose every value is a float32 value (their batches sort on 64-bit (tensor, key) pairs)
+NARROW = frozenset(
+    {"float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"}
+    | {"int8", "uint8", "int16", "uint16", "bool"}
+)
+
+
+def _sorted_by_tensor(values: torch.Tensor, seg: torch.Tensor, narrow: bool) -> torch.Tensor:
+    """``values`` sorted by tensor, then value. Where every value is a float32 value, one sort of
+    (tensor << 32 | the float32's order-preserving key) does it; else two stable ones."""
+    if not narrow:
+        order = torch.argsort(values, stable=True)
+        order = order[torch.argsort(seg[order], stable=True)]
+        return values[order]
+    u = values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    key = torch.where(u >= 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+    low = torch.sort((seg << 32) | key).values & 0xFFFFFFFF
+    bits = torch.where(low >= 0x80000000, low ^ 0x80000000, ~low & 0xFFFFFFFF)
+    return bits.to(torch.int32).view(torch.float32).to(torch.float64)
+
+
 def _percentiles(
-    x: torch.Tensor, seg: torch.Tensor, finite: torch.Tensor, nf: torch.Tensor, k: int
+    x: torch.Tensor, seg: torch.Tensor, finite: torch.Tensor, nf: torch.Tensor, k: int, narrow: bool
 ) -> list[list[float]]:
     """Each tensor's percentiles: its finite values sorted (by tensor, then value), then the order
     statistics at q * (n - 1) interpolated linearly, like torch.quantile."""
     values = torch.where(finite, x, math.inf)  # non-finite values sort after each tensor's finite ones
-    order = torch.argsort(values, stable=True)
-    order = order[torch.argsort(seg[order], stable=True)]
-    ordered = values[order]
+    ordered = _sorted_by_tensor(values, seg, narrow)
     counts = torch.bincount(seg, minlength=k)
     starts = torch.cumsum(counts, 0) - counts
     q = torch.tensor(QUANTILES, dtype=torch.float64, device=x.device)
@@ -160,16 +184,19 @@ def _log_histograms(
     wide = torch.tensor([t.dtype == "float64" or DTYPES[t.dtype].category != "float" for t in infos], device=x.device)
     floor = torch.where(wide, -1023, -127)[s]
     exponent = torch.maximum(torch.frexp(v).exponent.to(torch.int64) - 1, floor)
-    code = (s * 2 + (v > 0).to(torch.int64)) * 4096 + (exponent + 2048)
-    keys, counts = torch.unique(code, return_counts=True)
-    hists = [LogHistogram({}, 0, {}) for _ in range(k)]
+    group = s * 2 + (v > 0).to(torch.int64)  # (tensor, sign): ascending with the code below
+    keys, counts = torch.unique(group * 4096 + (exponent + 2048), return_counts=True)
+    codes = keys.cpu().numpy()
+    exponents = (codes % 4096 - 2048).tolist()
+    numbers = counts.cpu().tolist()
+    bounds = np.searchsorted(codes // 4096, np.arange(2 * k + 1)).tolist()  # where each group starts
     zeros = torch.bincount(seg[finite & (x == 0)], minlength=k).tolist()
-    for h, z in zip(hists, zeros, strict=True):
-        h.zero = int(z)
-    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
-        pair, e = divmod(key, 4096)
-        i, positive = divmod(pair, 2)
-        (hists[i].pos if positive else hists[i].neg)[e - 2048] = count
+    hists = []
+    for i in range(k):
+        a, b, c = bounds[2 * i], bounds[2 * i + 1], bounds[2 * i + 2]
+        neg = dict(zip(exponents[a:b], numbers[a:b], strict=True))
+        pos = dict(zip(exponents[b:c], numbers[b:c], strict=True))
+        hists.append(LogHistogram(neg, int(zeros[i]), pos))
     return hists
 
 

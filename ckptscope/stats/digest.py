@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 from collections.abc import Iterator
+from functools import lru_cache
 
 import xxhash
 
@@ -35,14 +36,20 @@ def is_digest(text: str) -> bool:
 
 
 def header(info: TensorInfo) -> bytes:
+    quant = None if info.quant is None else json.dumps(info.quant.describe(), sort_keys=True)
+    return _header(info.dtype, info.shown_dtype, info.shape, quant, info.encoding)
+
+
+@lru_cache(maxsize=4096)
+def _header(dtype: str, shown_dtype: str, shape: tuple[int, ...], quant: str | None, encoding: str | None) -> bytes:
     # the element type: a file's own name for it only where the bytes are not plain elements (a
     # GGUF F32 tensor is float32 like any other; a Q4_K one is its blocks)
-    dtype = info.dtype if info.encoding is None and info.quant is None else info.shown_dtype
-    parts: dict[str, object] = {"dtype": dtype, "shape": list(info.shape)}
-    if info.quant is not None:
-        parts["quantization"] = info.quant.describe()
-    if info.encoding is not None:
-        parts["encoding"] = info.encoding
+    element = dtype if encoding is None and quant is None else shown_dtype
+    parts: dict[str, object] = {"dtype": element, "shape": list(shape)}
+    if quant is not None:
+        parts["quantization"] = json.loads(quant)
+    if encoding is not None:
+        parts["encoding"] = encoding
     return b"ckptscope-tensor-1\0" + json.dumps(parts, sort_keys=True, separators=(",", ":")).encode() + b"\0"
 
 

@@ -52,6 +52,11 @@ class TensorStats:
     percentiles: dict[str, float] | None = None  # PERCENTILES -> value (float64); None: no finite values
     log_hist: LogHistogram | None = None  # signed histogram by binary magnitude; None: no finite values
     digest: str | None = None  # "xxh3-128:<hex>" of dtype, shape and the logical bytes in C order
+    # The init verdict judged from these stats by the stats job and stored with them (JSON-ready
+    # {verdict, matches, score}, ckptscope.insights.init_verdict); None where not judged yet (the
+    # CLI judges on the fly). Not part of the statistics' JSON: the API shows it as the tensor's
+    # ``init``.
+    init: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"numel": self.numel}

@@ -135,6 +135,7 @@ class TensorRow(StatsColumns, Base):  # type: ignore[misc]
     # ... the statistics' columns (StatsColumns), then:
     hist: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {bins, min, max, note, percentiles, log}
     digest: Mapped[str | None] = mapped_column(String(48), nullable=True, index=True)  # TensorStats.digest
+    init: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: TensorStats.init
 
     __table_args__ = (Index("ix_tensors_content_name", "content_key", "name"),)
 

@@ -279,6 +279,12 @@ class CatalogueQueries:
             rows = session.scalars(stmt).all()
         return [(self.row_to_info(r, root), row_to_stats(r)) for r in rows]
 
+    def module_types_of(self, content_key: str) -> dict[str, str]:
+        """The classes of a content's pickled modules (full module path -> class), {} if none."""
+        with self.catalogue.session() as session:
+            found = session.scalar(select(Content.module_types).where(Content.key == content_key))
+        return dict(found or {})
+
     def stats_inputs(self, content_key: str) -> list[tuple[int, TensorInfo]]:
         """Every tensor of a content with its position, full names: what a stats job reads."""
         with self.catalogue.session() as session:
@@ -305,9 +311,12 @@ class CatalogueQueries:
             }
             param["hist"] = dumps(hist)
             param["digest"] = s.digest
+            param["init"] = None if s.init is None else dumps(s.init)
             params.append(param)
         table = _tensors_table()
-        values: dict[str, Any] = {name: bindparam(name) for name in (*(s.name for s in STATISTICS), "hist", "digest")}
+        values: dict[str, Any] = {
+            name: bindparam(name) for name in (*(s.name for s in STATISTICS), "hist", "digest", "init")
+        }
         stmt = (
             update(table)
             .where(table.c.content_key == bindparam("k"), table.c.position == bindparam("p"))
@@ -431,6 +440,7 @@ def row_to_stats(row: TensorRow) -> TensorStats | None:
         percentiles=hist.get("percentiles"),
         log_hist=None if log is None else LogHistogram.from_json(log),
         digest=row.digest,
+        init=None if row.init is None else json.loads(row.init),
         **values,
     )
 

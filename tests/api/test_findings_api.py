@@ -100,3 +100,21 @@ def test_a_bad_thresholds_file_is_refused_at_startup(tmp_path):
     path.write_text(json.dumps({"spike": 3}))
     with pytest.raises(ValidationError, match="unknown findings threshold 'spike'"):
         Settings(data_dir=tmp_path, findings_thresholds=path)
+
+
+def test_init_verdicts_are_judged_once_by_the_stats_job_and_read_back(client, llama_file, monkeypatch):
+    """The API serves the verdicts the stats job stored: judging again per request (0.1-0.5 ms a
+    tensor) would make a page of a big checkpoint slow."""
+    cid = _uploaded(client, llama_file)
+    before = client.get(f"/api/v1/checkpoints/{cid}/tensors", params={"limit": 100}).json()["tensors"]
+    import ckptscope.insights.init_verdict as verdicts
+    import ckptscope.services.insights as insights
+
+    def no_judging(*args, **kwargs):
+        raise AssertionError("judged again at read time")
+
+    monkeypatch.setattr(insights, "verdict_for", no_judging)
+    monkeypatch.setattr(verdicts, "init_verdict", no_judging)
+    after = client.get(f"/api/v1/checkpoints/{cid}/tensors", params={"limit": 100}).json()["tensors"]
+    assert [t["init"] for t in after] == [t["init"] for t in before]
+    assert {t["init"]["verdict"] for t in after} >= {"init", "trained"}

@@ -1,8 +1,8 @@
 """Content identity and the full distribution (issue 15): each tensor's digest (``xxh3-128`` of its
 dtype, shape and logical bytes in C order), indexed so the catalogue answers "where else is this
 tensor"; a table of module digests (a module's members under their relative names) for the same
-question about whole modules. Percentiles and the log-magnitude histogram live in the ``hist``
-JSON beside the 64 linear bins.
+question about whole modules; each tensor's init verdict, judged once by the stats job (JSON).
+Percentiles and the log-magnitude histogram live in the ``hist`` JSON beside the 64 linear bins.
 
 Statistics computed before this revision have neither, so every content's statistics are marked
 pending and computed again by the next server that starts.
@@ -26,6 +26,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("tensors", schema=None) as batch_op:
         batch_op.add_column(sa.Column("digest", sa.String(length=48), nullable=True))
+        batch_op.add_column(sa.Column("init", sa.Text(), nullable=True))
         batch_op.create_index("ix_tensors_digest", ["digest"], unique=False)
     op.create_table(
         "module_digests",
@@ -45,4 +46,5 @@ def downgrade() -> None:
     op.drop_table("module_digests")
     with op.batch_alter_table("tensors", schema=None) as batch_op:
         batch_op.drop_index("ix_tensors_digest")
+        batch_op.drop_column("init")
         batch_op.drop_column("digest")

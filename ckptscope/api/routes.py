@@ -20,6 +20,7 @@ from ckptscope.services import checkpoints as svc
 from ckptscope.services import identity as identity_svc
 from ckptscope.services import insights as insights_svc
 from ckptscope.services.inspect import parameter_of, tensor_record
+from ckptscope.stats.model import TensorStats
 from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState, StatsState
 from ckptscope.store.queries import SORTABLE
 
@@ -212,11 +213,17 @@ def list_tensors(
             "stats_state": content.stats_state,
             "tensors": [
                 tensor_record(t, s, parameter_of(content.param_of, root, t.name))
-                | {"stats": s.to_json() if s else None, "init": insights_svc.init_json(t, s, types)}
+                | {"stats": _page_stats(s), "init": insights_svc.init_json(t, s, types)}
                 for t, s in page.rows
             ],
         }
     )
+
+
+def _page_stats(stats: TensorStats | None) -> dict[str, Any] | None:
+    """A page row's stats: all but the magnitude histogram, which the tensor's own endpoint has (it
+    is about half of a row, and a page is read for its table)."""
+    return None if stats is None else stats.to_json(with_log_hist=False)
 
 
 # The preview and spectrum routes come before /tensors/{name:path}, which would otherwise take

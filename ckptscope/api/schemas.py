@@ -33,7 +33,8 @@ class _StatsBase(BaseModel):
     )
     log_hist: LogHistOut | None = Field(
         None,
-        description="counts by sign and binary magnitude (subnormals at the smallest normal exponent minus one)",
+        description="counts by sign and binary magnitude (subnormals at the smallest normal exponent minus one); "
+        "null in the rows of a /tensors page (GET /tensors/{name} has it)",
     )
     hist: list[int] = Field(description="64 equal-width bins over [hist_min, hist_max] of the finite values")
     hist_min: float | None

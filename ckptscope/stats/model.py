@@ -58,7 +58,8 @@ class TensorStats:
     # ``init``.
     init: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, with_log_hist: bool = True) -> dict[str, Any]:
+        """``with_log_hist`` False: ``log_hist`` null (a page of rows leaves it to each tensor's own view)."""
         out: dict[str, Any] = {"numel": self.numel}
         for s in STATISTICS:
             v = getattr(self, s.name)
@@ -68,7 +69,7 @@ class TensorStats:
         out["hist_max"] = finite_or_none(self.hist_max)
         out["note"] = self.note
         out["percentiles"] = None if self.percentiles is None else dict(self.percentiles)
-        out["log_hist"] = None if self.log_hist is None else self.log_hist.to_json()
+        out["log_hist"] = None if self.log_hist is None or not with_log_hist else self.log_hist.to_json()
         out["digest"] = self.digest
         return out
 

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     findings_thresholds: Path | None = None  # JSON object overriding the findings' thresholds (README "Findings")
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # absolute, so that every blob path means the same file to the sandboxed parser, which runs
+        # in another working directory (the installed package's), and to the server
+        return value.expanduser().absolute()
+
     @field_validator("stats_device")
     @classmethod
     def _known_device(cls, value: str) -> str:

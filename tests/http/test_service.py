@@ -4,6 +4,7 @@ readiness, metrics, request ids, and the settings checked at start."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,18 @@ def test_refuses_to_start_with_unsafe_torch_override(data_dir, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(RuntimeError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         create_app(Settings(data_dir=data_dir))
+
+
+def test_a_relative_data_directory_serves_uploads_from_any_working_directory(tmp_path, monkeypatch):
+    """The README's serve command runs on the default CKPTSCOPE_DATA_DIR=data, relative: the
+    sandboxed parser runs in another working directory and must still find the uploaded blob."""
+    monkeypatch.chdir(tmp_path)
+    assert Settings(data_dir="data").data_dir == tmp_path / "data"
+    path = f.save_torch({"w": torch.randn(3, 2)}, tmp_path / "one.pt")
+    with make_client(Path("data")) as client:
+        r = upload(client, path)
+        assert r.status_code == 201, r.text
+        wait_stats(client, r.json()["id"])
+        tensor = client.get(f"/api/v1/checkpoints/{r.json()['id']}/tensors/w").json()
+        assert tensor["stats"]["numel"] == 6
+    assert (tmp_path / "data" / "catalogue.db").exists()

@@ -14,6 +14,7 @@ from tests.helpers import (  # noqa: E402
     ADMIN_URL,
     ROOT,
     database_env,
+    dispose_session_database,
     fresh_database_url,
     made_databases,
     make_client,
@@ -40,6 +41,7 @@ def _catalogue_database(monkeypatch):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    dispose_session_database()
     if not ADMIN_URL or not made_databases:
         return
     from sqlalchemy import create_engine, text

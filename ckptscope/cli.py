@@ -1,4 +1,4 @@
-"""The ``ckptscope`` command line."""
+"""The ``ckptscope`` command line. Exit statuses: ``cli_exits``; where output goes: ``cli_output``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,29 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from ckptscope.errors import CheckpointError, CkptscopeError, Invalid
+from ckptscope import __version__
+from ckptscope.cli_exits import (
+    CLOSED_PIPE,
+    EPILOG,
+    FAILED,
+    INTERRUPTED,
+    OK,
+    USAGE,
+    UnreadableInput,
+    failure_of,
+    is_closed_pipe,
+    os_reason,
+    silence_stdout,
+    stdout_closed,
+)
+from ckptscope.cli_output import say, stats_progress, stdout_console, whole_writes_stdout, write_atomically, write_json
+from ckptscope.errors import CkptscopeError, Invalid
 from ckptscope.stats.model import STATISTICS
 from ckptscope.text import make_storable, reveal, storable_text
 from ckptscope.units import human_bytes
@@ -23,20 +39,7 @@ if TYPE_CHECKING:
     from ckptscope.insights.findings import Thresholds
 
 
-class _FileError(Exception):
-    """An input file that could not be read: reported as ``ckptscope: PATH: reason``."""
-
-    def __init__(self, path: str, error: CkptscopeError) -> None:
-        super().__init__(str(error))
-        self.path = path
-        self.error = error
-
-
-def _say(line: str, *, err: bool = False) -> None:
-    """Print one line. Every line the CLI prints comes here: names, metadata, warnings and error
-    messages are attacker text, so no control character (ESC sequences, OSC 52 clipboard writes,
-    BEL, bidi overrides, newlines) ever reaches the terminal raw."""
-    print(reveal(line), file=sys.stderr if err else sys.stdout)
+_say = say  # every line the CLI prints goes through ``say``: attacker text never reaches the terminal raw
 
 
 def _rich(value: object) -> str:
@@ -59,7 +62,7 @@ def _open(path: str) -> Checkpoint:
         listing = open_checkpoint_sandboxed(os.path.abspath(path), limits=Settings().parse_limits, shards=None)
         make_storable(listing)
     except CkptscopeError as exc:
-        raise _FileError(path, exc) from None
+        raise UnreadableInput(path, exc) from None
     return listing
 
 
@@ -72,11 +75,10 @@ def _fmt(value: Any) -> str:
 
 
 def _print_inspection(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.tree import Tree
 
-    console = Console()
+    console = stdout_console()
     console.print(
         f"[bold]{_rich(data['format'])}[/bold]: {data['tensor_count']} tensors, "
         f"{human_bytes(data['total_bytes'])}, root {_rich(repr(data['root']))}"
@@ -122,36 +124,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     listing = _open(args.path)
     listing.resolve_root(args.root)  # an unknown root ends here, before any stats are computed
-    progress_cb = None
-    bar = None
-    if not args.no_stats and sys.stderr.isatty():
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        bar = Progress("stats", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
-        task = bar.add_task("stats", total=None)
-        bar.start()
-
-        def progress_cb(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-    try:
+    with stats_progress(not args.no_stats) as progress:
         result = inspect_listing(
             listing,
             root=args.root,
             with_stats=not args.no_stats,
-            progress=progress_cb,
+            progress=progress,
             device=args.device,
             thresholds=_thresholds(),
         )
-    finally:
-        if bar is not None:
-            bar.stop()
     data = result.to_json()
     if args.json:
-        sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")  # dumps: the C encoder
+        write_json(data)
     else:
         _print_inspection(data)
-    return 0
+    return OK
 
 
 def _thresholds() -> Thresholds:
@@ -166,16 +153,21 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
     listing = _open(args.path)
     root = listing.resolve_root(args.root)
-    insights = inspect_listing(listing, root=root, device=args.device, thresholds=_thresholds()).insights()
+    with stats_progress() as progress:
+        inspection = inspect_listing(
+            listing, root=root, device=args.device, thresholds=_thresholds(), progress=progress
+        )
+    insights = inspection.insights()
+    status = FAILED if insights.findings else OK  # like a linter: 1 when there is something to look at
     if args.json:
-        sys.stdout.write(json.dumps({"root": root, **insights.to_json()}, allow_nan=False) + "\n")
-        return 0
+        write_json({"root": root, **insights.to_json()})
+        return status
     for f in insights.findings:
         _say(f"{f.severity:<7}  {f.rule:<23}  {f.target}: {f.message}")
     counts = insights.modules[""].findings if "" in insights.modules else {}
     summary = ", ".join(f"{n} {sev}" for sev, n in reversed(counts.items()) if n)  # errors first
     _say(f"{len(insights.findings)} findings" + (f" ({summary})" if summary else ""), err=True)
-    return 0
+    return status
 
 
 def _pairs(values: list[str]) -> dict[str, str]:
@@ -193,28 +185,18 @@ def _sha256(path: str, listing: Checkpoint | None = None) -> str:
         parts = sorted((Path(f).name, _sha256(f)) for f in listing.files)
         return parts[0][1] if len(parts) == 1 else hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise UnreadableInput(path, f"cannot read the file: {os_reason(exc)}") from None
     return digest.hexdigest()
 
 
 def _file_name(path: str) -> str:
     """An input's file name as recorded in an output's metadata (as text any writer can store)."""
     return str(storable_text(Path(path).name))
-
-
-def _write_atomically(out: str, write: Any) -> None:
-    import tempfile
-
-    target = Path(out)
-    fd, temp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(temp))
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)
 
 
 def _format_for_output(path: str, requested: str | None) -> str:
@@ -244,7 +226,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     decoded = dequantized(outputs)
     source_sha = _sha256(args.path, ckpt)
     metadata = export_metadata(_file_name(args.path), source_sha, selection, plan, ckpt.metadata, fmt, decoded)
-    _write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
+    write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
     _say(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
     if decoded:
         _say(dequantized_text(decoded))
@@ -281,13 +263,13 @@ def _cmd_copy(args: argparse.Namespace) -> int:
             verify_written(_open(str(path)), report, source_tensors, meta)
 
         try:
-            _write_atomically(args.output, write_and_verify)
+            write_atomically(args.output, write_and_verify)
             written = True
         except CopyNotVerified as exc:
             unverified = exc
     data = report.to_json()
     if args.json:
-        print(json.dumps({"written": written, "report": data}))
+        write_json({"written": written, "report": data})
     else:
         counts = data["counts"]
         _say(
@@ -338,7 +320,7 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
         for line in plan.snippet().splitlines():  # Python source: names in it are repr()s
             _say(line)
     elif args.json:
-        print(json.dumps(plan.to_json()))
+        write_json(plan.to_json())
     else:
         _say(
             f"frozen: {len(plan.frozen)} tensors, {plan.frozen_params:,} values; "
@@ -362,9 +344,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     a = _open(args.a)
     b = _open(args.b)
     result = diff_tensors(a.root_tensors(args.a_root), b.root_tensors(args.b_root))
+    status = FAILED if _differ(result) else OK  # like diff(1): 1 when A and B differ
     if args.json:
-        print(json.dumps(result))
-        return 0
+        write_json(result)
+        return status
     _say(", ".join(f"{k} {v}" for k, v in result["counts"].items()))
     identical = result["identical_modules"]
     if identical:
@@ -381,7 +364,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                     f" cos {_fmt(row.get('cosine'))}"
                 )
             _say(f"{row['status']:>14}  {row['name']}{extra}")
-    return 0
+    return status
+
+
+def _differ(result: dict[str, Any]) -> bool:
+    """Any tensor only in A or only in B, with another shape or dtype, or with other values."""
+    return any(row["status"] != "identical" or row.get("dtype_a") != row.get("dtype_b") for row in result["tensors"])
 
 
 def _rules_from_file(path: str) -> list[str]:
@@ -391,7 +379,7 @@ def _rules_from_file(path: str) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise _FileError(path, Invalid(f"cannot read the rules file: {reason}")) from None
+        raise UnreadableInput(path, f"cannot read the rules file: {reason}") from None
     return rules_file_lines(text)
 
 
@@ -400,7 +388,8 @@ def _check_tensors(path: str, root: str | None, device: str | None) -> tuple[Any
 
     listing = _open(path)
     root = listing.resolve_root(root)
-    result = inspect_listing(listing, root=root, device=device)
+    with stats_progress() as progress:
+        result = inspect_listing(listing, root=root, device=device, progress=progress)
     stats = result.stats or {}
     return listing, root, [(t, stats.get(t.name)) for t in result.tensors]
 
@@ -427,10 +416,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
     if args.junit:
         xml = junit_xml(report)
-        Path(args.junit).parent.mkdir(parents=True, exist_ok=True)  # a CI job's reports/ folder
-        _write_atomically(args.junit, lambda p: p.write_bytes(xml))
+        write_atomically(args.junit, lambda p: p.write_bytes(xml), make_parents=True)  # a CI job's reports/
     if args.json:
-        sys.stdout.write(json.dumps(report.to_json(), allow_nan=False) + "\n")
+        write_json(report.to_json())
     else:
         for r in report.results:
             _say(f"{'PASS' if r.passed else 'FAIL'}  {r.rule}: {r.detail}")
@@ -440,7 +428,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 _say(f"        ... and {r.offender_count - min(len(r.offenders), 20)} more")
         failed = sum(not r.passed for r in report.results)
         _say(f"{len(report.results) - failed} passed, {failed} failed")
-    return 0 if report.passed else 1
+    return OK if report.passed else FAILED
 
 
 def _listed_tensor(args: argparse.Namespace) -> Any:
@@ -460,7 +448,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
     info = _listed_tensor(args)
     image = render_preview(info, args.reduce, parse_index(args.index))
-    _write_atomically(args.output, lambda p: p.write_bytes(image.png))
+    write_atomically(args.output, lambda p: p.write_bytes(image.png))
     _say(f"wrote {args.output} ({image.width} x {image.height}): {describe(image.preview.plan, image.preview.reduce)}")
     return 0
 
@@ -473,7 +461,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     spectrum = spectrum_for(info, stats_device(args.device if args.device is not None else Settings().stats_device))
     data = spectrum.to_json()
     if args.json:
-        print(json.dumps({"name": info.name, **data}, allow_nan=False))
+        write_json({"name": info.name, **data})
         return 0
     rows, cols = spectrum.shape
     where = f"{spectrum.dtype} on {spectrum.device}"
@@ -486,15 +474,24 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_a_shutdown_cancel(record: logging.LogRecord) -> bool:
+    import asyncio
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, asyncio.CancelledError) and str(record.msg).startswith("Exception in ASGI"))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ckptscope import logs
     from ckptscope.config import get_settings
+    from ckptscope.store.blobs import check_writable
 
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    check_writable(settings.data_dir)  # an OSError: one line and a non-zero exit, not a traceback
     logs.configure()
     log = logging.getLogger("ckptscope")
     if settings.stats_device:
@@ -504,7 +501,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             resolve_device(settings.stats_device)
         except RuntimeError as exc:
             _say(f"ckptscope: CKPTSCOPE_STATS_DEVICE: {exc}", err=True)
-            return 2
+            return USAGE
     if settings.api_token:
         log.info(f"authentication on: every page and API call needs the token; serving on {host}:{port}")
     else:
@@ -518,14 +515,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"serving on {host}, but only requests for {allowed} are answered (others get 400 bad_host): "
             "set CKPTSCOPE_ALLOWED_HOSTS to the names clients use"
         )
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it has: handled here, the shutdown
+    # it already did ends as exit status 0 (`docker stop`), not a death by signal
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    # a request still running when the shutdown grace ends is cancelled (an upload's partial file
+    # removed as it unwinds); uvicorn says so in one line, then logs a traceback per request: dropped
+    logging.getLogger("uvicorn.error").addFilter(_not_a_shutdown_cancel)
     uvicorn.run(
         "ckptscope.main:create_app",
         factory=True,
         host=host,
         port=port,
         log_level="info",
-        access_log=False,
-        timeout_graceful_shutdown=30,
+        log_config=logs.UVICORN_LOG_CONFIG,  # uvicorn's own lines in our JSON
+        access_log=False,  # ckptscope.access logs each request (with its id)
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 
@@ -544,33 +549,80 @@ def _cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return OK
+
+
+# shtab's file completion, per shell (``shtab.FILE``, spelled here so building the parser imports nothing)
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error line: usage, then ``ckptscope: COMMAND: message``, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("ckptscope").strip()
+        self.exit(USAGE, reveal(f"ckptscope: {command + ': ' if command else ''}{message}") + "\n")
+
+
+def _path(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    setattr(p.add_argument(name, help=help), "complete", _FILE)  # noqa: B010 (shtab reads this attribute)
+
+
+def _output(p: argparse.ArgumentParser, *, required: bool, metavar: str = "OUTPUT") -> None:
+    action = p.add_argument(
+        "-o", "--output", required=required, metavar=metavar, help="the file to write (whole, or not at all)"
+    )
+    setattr(action, "complete", _FILE)  # noqa: B010
+
+
+def _json(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptscope", description="Look inside model checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="list a checkpoint's tensors, module tree and stats")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser = _Parser(
+        prog="ckptscope",
+        description="Look inside model checkpoints: list, diagnose, compare, gate, copy, export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ckptscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    p = command("inspect", "list a checkpoint's tensors, module tree and stats")
+    _path(p, "path", "a checkpoint file or folder")
+    _json(p, "the listing, stats, tree and findings")
     p.add_argument("--root", default=None, help="key path of the tensor dict to show (nested checkpoints)")
     p.add_argument("--no-stats", action="store_true", help="list only; never read tensor data")
     p.add_argument(
         "--device", default=None, help="compute stats on this torch device (cuda, auto) instead of the CPU kernel"
     )
     p.set_defaults(func=_cmd_inspect)
-    fi = sub.add_parser("findings", help="diagnose a checkpoint: NaN/Inf, spikes, variance and norm outliers, ...")
-    fi.add_argument("path")
+    fi = command("findings", "diagnose a checkpoint: NaN/Inf, spikes, variance and norm outliers (exit 1 if any)")
+    _path(fi, "path", "a checkpoint file or folder")
     fi.add_argument("--root", default=None, help="key path of the tensor dict to check (nested checkpoints)")
-    fi.add_argument("--json", action="store_true", help="print JSON: findings, module roll-ups, thresholds")
+    _json(fi, "findings, module roll-ups and thresholds")
     fi.add_argument("--device", default=None, help="compute stats on this torch device (cuda, auto)")
     fi.set_defaults(func=_cmd_findings)
-    e = sub.add_parser("export", help="write selected modules as a new checkpoint (bytes streamed)")
-    e.add_argument("path")
-    e.add_argument("-o", "--output", required=True)
+    e = command("export", "write selected modules as a new checkpoint (bytes streamed)")
+    _path(e, "path", "the checkpoint to export from")
+    _output(e, required=True)
     e.add_argument("--include", action="append", default=[], help="module/tensor prefix to keep (repeatable)")
     e.add_argument("--exclude", action="append", default=[], help="module/tensor prefix to drop (repeatable)")
     e.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="prefix rename (repeatable)")
     e.add_argument("--format", choices=["safetensors", "pt"], default=None, help="default: from the output name")
     e.add_argument("--freeze", action="append", default=[], help="embed a freeze plan for this module")
-    e.add_argument("--root", default=None)
+    e.add_argument("--root", default=None, help="key path of the tensor dict to export (nested checkpoints)")
     e.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
@@ -579,101 +631,110 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: float32 for those, the rest unchanged)",
     )
     e.set_defaults(func=_cmd_export)
-    c = sub.add_parser("copy", help="copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
-    c.add_argument("source")
-    c.add_argument("target")
+    c = command("copy", "copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
+    _path(c, "source", "the checkpoint the values come from")
+    _path(c, "target", "the checkpoint they go into (its layout is the output's)")
     c.add_argument("--map", action="append", required=True, metavar="SRC=DST", help="prefix mapping (repeatable)")
-    c.add_argument("-o", "--output")
+    _output(c, required=False)
     c.add_argument("--no-strict", action="store_true", help="copy what fits, report the rest")
-    c.add_argument("--dry-run", action="store_true")
-    c.add_argument("--source-root", default=None)
-    c.add_argument("--target-root", default=None)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--dry-run", action="store_true", help="report only; write nothing")
+    c.add_argument("--source-root", default=None, help="key path of the source's tensor dict")
+    c.add_argument("--target-root", default=None, help="key path of the target's tensor dict")
+    _json(c, "the copy report")
     c.set_defaults(func=_cmd_copy)
-    fz = sub.add_parser("freeze", help="plan which parameters to freeze")
-    fz.add_argument("path")
+    fz = command("freeze", "plan which parameters to freeze")
+    _path(fz, "path", "a checkpoint file or folder")
     fz.add_argument("--freeze", action="append", required=True, help="module to freeze (repeatable)")
-    fz.add_argument("--root", default=None)
-    fz.add_argument("--json", action="store_true")
+    fz.add_argument("--root", default=None, help="key path of the tensor dict (nested checkpoints)")
+    _json(fz, "the plan")
     fz.add_argument("--snippet", action="store_true", help="print the PyTorch snippet that applies the plan")
     fz.set_defaults(func=_cmd_freeze)
-    d = sub.add_parser("diff", help="compare two checkpoints tensor by tensor")
-    d.add_argument("a")
-    d.add_argument("b")
-    d.add_argument("--a-root", default=None)
-    d.add_argument("--b-root", default=None)
-    d.add_argument("--json", action="store_true")
+    d = command("diff", "compare two checkpoints tensor by tensor (exit 1 if they differ)")
+    _path(d, "a", "checkpoint A")
+    _path(d, "b", "checkpoint B")
+    d.add_argument("--a-root", default=None, help="key path of A's tensor dict")
+    d.add_argument("--b-root", default=None, help="key path of B's tensor dict")
+    _json(d, "the per-tensor comparison, tree and counts")
     d.set_defaults(func=_cmd_diff)
-    ck = sub.add_parser(
-        "check",
-        help="gate a CI pipeline: check rules on a checkpoint (exit 0 all pass, 1 any fails, 2 unreadable/usage)",
-    )
-    ck.add_argument("path")
+    ck = command("check", "gate a CI pipeline: check rules on a checkpoint (exit 1 if any rule fails)")
+    _path(ck, "path", "the checkpoint to check")
     ck.add_argument("--baseline", default=None, help="checkpoint to compare with (changed-only=, unchanged=)")
     ck.add_argument(
         "--rule", action="append", default=[], metavar="RULE", help="e.g. no-nan, max-abs<=100 (repeatable)"
     )
     ck.add_argument("--rules", default=None, metavar="FILE", help="a file of rules, one a line, # comments")
-    ck.add_argument("--root", default=None)
-    ck.add_argument("--baseline-root", default=None)
-    ck.add_argument("--json", action="store_true")
+    ck.add_argument("--root", default=None, help="key path of the tensor dict to check")
+    ck.add_argument("--baseline-root", default=None, help="key path of the baseline's tensor dict")
+    _json(ck, "the results")
     ck.add_argument("--junit", default=None, metavar="FILE", help="also write the results as JUnit XML")
     ck.add_argument("--device", default=None, help="compute stats on this torch device (cuda, auto)")
     ck.set_defaults(func=_cmd_check)
-    pv = sub.add_parser("preview", help="draw a tensor as a PNG: heatmap (2-D), line plot (1-D), or a slice")
-    pv.add_argument("path")
-    pv.add_argument("tensor")
-    pv.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    pv = command("preview", "draw a tensor as a PNG: heatmap (2-D), line plot (1-D), or a slice")
+    _path(pv, "path", "a checkpoint file or folder")
+    pv.add_argument("tensor", help="the tensor's full name")
+    _output(pv, required=True, metavar="FILE.png")
     pv.add_argument(
         "--reduce", choices=["mean", "absmax"], default="mean", help="cells: block mean or value of largest magnitude"
     )
     pv.add_argument("--index", default=None, help="leading indices of the slice to draw, e.g. 0,3")
-    pv.add_argument("--root", default=None)
+    pv.add_argument("--root", default=None, help="key path of the tensor dict (nested checkpoints)")
     pv.set_defaults(func=_cmd_preview)
-    sp = sub.add_parser("spectrum", help="singular values, stable rank and effective rank of a 2-D (or conv) tensor")
-    sp.add_argument("path")
-    sp.add_argument("tensor")
-    sp.add_argument("--root", default=None)
-    sp.add_argument("--json", action="store_true")
+    sp = command("spectrum", "singular values, stable rank and effective rank of a 2-D (or conv) tensor")
+    _path(sp, "path", "a checkpoint file or folder")
+    sp.add_argument("tensor", help="the tensor's full name")
+    sp.add_argument("--root", default=None, help="key path of the tensor dict (nested checkpoints)")
+    _json(sp, "the spectrum")
     sp.add_argument("--device", default=None, help="torch device for the SVD (cuda, auto); default: the stats device")
     sp.set_defaults(func=_cmd_spectrum)
-    s = sub.add_parser("serve", help="start the web server")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
+    s = command("serve", "start the web server")
+    s.add_argument("--host", default=None, help="default: CKPTSCOPE_HOST")
+    s.add_argument("--port", type=int, default=None, help="default: CKPTSCOPE_PORT")
     s.set_defaults(func=_cmd_serve)
-    m = sub.add_parser("migrate", help="create or upgrade the catalogue's schema (serve does this too)")
+    m = command("migrate", "create or upgrade the catalogue's schema (serve does this too)")
     m.set_defaults(func=_cmd_migrate)
+    co = command("completion", 'print a shell completion script: eval "$(ckptscope completion bash)"')
+    co.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    co.set_defaults(func=_cmd_completion)
     return parser
+
+
+def _fail(line: str) -> None:
+    say(f"ckptscope: {line}", err=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return INTERRUPTED
+    except Exception as exc:
+        if is_closed_pipe(exc) and stdout_closed():
+            raise  # the quiet `| head` case, handled by main
+        failure = failure_of(exc, args.__dict__.get("path", ""))
+        if failure is None:
+            raise  # a bug: its traceback is wanted
+        status, line = failure
+        _fail(line)
+        return status
 
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+    whole_writes_stdout()  # `| head`: a closed pipe always shows, and always as exit 141
     # a command's answer is its one stderr line; the sandbox's log lines stay out (serve configures logging)
     package_log = logging.getLogger("ckptscope")
     if not any(isinstance(h, logging.NullHandler) for h in package_log.handlers):
         package_log.addHandler(logging.NullHandler())
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except _FileError as exc:
-        _say(f"ckptscope: {exc.path}: {exc.error}", err=True)
-        return 2
-    except CheckpointError as exc:
-        _say(f"ckptscope: {args.__dict__.get('path', '')}: {exc}", err=True)
-        return 2
-    except CkptscopeError as exc:
-        _say(f"ckptscope: {exc}", err=True)
-        return 2
-    except OSError as exc:  # an output that cannot be written, a parser that cannot be started
-        _say(f"ckptscope: {exc}", err=True)
-        return 2
-    except ValidationError as exc:  # a CKPTSCOPE_* setting out of range
-        first = exc.errors()[0]
-        name = "CKPTSCOPE_" + "_".join(str(part) for part in first["loc"]).upper()
-        _say(f"ckptscope: {name}: {first['msg']}", err=True)
-        return 2
+        return _run(build_parser().parse_args(argv))
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): the Python docs' SIGPIPE recipe
+        silence_stdout()
+        return CLOSED_PIPE
 
 
 if __name__ == "__main__":

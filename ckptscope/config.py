@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(12 * 3600.0, gt=0)  # browser logins (CKPTSCOPE_API_TOKEN) expire after this
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # on SIGTERM, requests still running get this long before they are cancelled (their partial
+    # uploads removed); below Docker's default 10 s stop grace, so `docker stop` is never a SIGKILL
+    shutdown_grace_s: int = Field(5, ge=1)
     findings_thresholds: Path | None = None  # JSON object overriding the findings' thresholds (README "Findings")
 
     @field_validator("data_dir")

@@ -7,7 +7,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
@@ -15,8 +15,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute, Match
 
-from ckptscope import __version__, logs
+from ckptscope import __version__, logs, metrics
+from ckptscope.api import openapi
 from ckptscope.api.routes import ops_router
 from ckptscope.api.routes import router as api_router
 from ckptscope.config import Settings, get_settings
@@ -54,10 +56,44 @@ def check_environment() -> None:
         )
 
 
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes in routing order, included routers' own flattened (FastAPI keeps them whole)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+        else:
+            yield route
+
+
+def route_label(app: FastAPI, request: Request) -> str:
+    """The path template of the route that served (or would have served) the request, e.g.
+    ``/api/v1/checkpoints/{checkpoint_id}`` or ``/static``: a bounded metric label, never the raw URL."""
+    path = getattr(request.scope.get("route"), "path", None)  # set by the API and page routes
+    if isinstance(path, str) and path:
+        return path
+    # a mount (static files; routing moved its prefix to root_path, so find it by its app), or a
+    # request refused before routing (auth, host, origin): the route it asked for
+    endpoint = request.scope.get("endpoint")
+    for candidate in _routes(app.router.routes):
+        path = getattr(candidate, "path", None)
+        if not isinstance(path, str) or not path:
+            continue
+        if endpoint is not None:
+            if endpoint is getattr(candidate, "app", None) or endpoint is getattr(candidate, "endpoint", None):
+                return path
+        elif candidate.matches(request.scope)[0] != Match.NONE:
+            return path
+    return metrics.UNMATCHED_ROUTE
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     check_environment()
     logs.configure()
+    serving = settings is None  # the server's factory (`ckptscope serve`, `uvicorn --factory`)
     settings = settings or get_settings()
+    if serving:  # processes sharing the data dir report summed metrics; set before Core makes any
+        metrics.share_across_processes(settings.data_dir / "metrics")
     core = Core(settings)
 
     @asynccontextmanager
@@ -80,11 +116,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Inspect model checkpoints: module tree, per-tensor statistics.",
         docs_url=None,
         redoc_url=None,
+        generate_unique_id_function=openapi.operation_id,
         lifespan=lifespan,
     )
     app.state.core = core
     app.state.html = RENDERER  # the HTTP layer renders login pages and errors through it
     problems.install(app)
+    openapi.install(app)  # the document FastAPI builds, finished (errors, security, operation ids)
     app.include_router(service_router)
     app.include_router(api_router)
     app.include_router(ops_router)
@@ -129,18 +167,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         try:
             response = await call_next(request)
-        except Exception:
-            core.metrics.inc("ckptscope_http_errors_total")
-            raise
+        except Exception as exc:  # a bug: its traceback logged once here, answered as a problem, then counted
+            where = f"{request.method} {request.scope['path']}"
+            fields = {"request_id": request_id, "exc": problems.traceback_text(exc)}
+            log.error("unhandled error on %s", where, extra={"fields": fields})
+            detail = "internal error; the server log has the details (request id in request_id)"
+            response = problems.problem(request, 500, detail, "internal", request_id=request_id)
         elapsed = time.perf_counter() - started
         response.headers["X-Request-ID"] = request_id
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
-        core.metrics.inc(
-            "ckptscope_http_requests_total", method=request.method, status=f"{response.status_code // 100}xx"
-        )
-        if response.status_code >= 500:
-            core.metrics.inc("ckptscope_http_errors_total")
+        route = route_label(app, request)
+        core.metrics.request(route, request.method, response.status_code, elapsed)
         access_log.info(
             "request",
             extra={
@@ -148,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "request_id": request_id,
                     "method": request.method,
                     "path": request.scope["path"],
+                    "route": route,
                     "status": response.status_code,
                     "ms": round(elapsed * 1e3, 2),
                     "client": request.client.host if request.client else None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up ckptscope in a virtual environment. Used by the README, .ci/run and the Dockerfile,
+# Set up ckptscope in a virtual environment. Used by the README and .ci/run,
 # so all three install the same way.
-#   scripts/setup.sh [--runtime]   runtime only, a regular install (the Dockerfile runs exactly this)
+#   scripts/setup.sh [--runtime]   runtime only, a regular install (scripts/smoke-install.sh checks it)
 #   scripts/setup.sh --test        an editable install with the test tools and Debian's chromium for browser tests
 # Environment:
 #   CKPTSCOPE_VENV  where the venv goes (default .venv; "system" installs into the current python)
@@ -24,8 +24,8 @@ else
     fi
     py="$venv/bin/python"
 fi
-# The stats kernel (ckptscope/stats/_kernel.c) is compiled at install: a C compiler is needed. The
-# Dockerfile's slim build stage has none, so as root it comes from Debian's packages.
+# The stats kernel (ckptscope/stats/_kernel.c) is compiled at install: a C compiler is needed.
+# Where there is none (a slim image), as root it comes from Debian's packages.
 if ! command -v cc >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev) >/dev/null

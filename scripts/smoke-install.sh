@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The Dockerfile's install path, without Docker: a fresh venv made by exactly the command the
-# image runs (scripts/setup.sh --runtime), then the image's CMD against a scratch data dir,
-# probed like its HEALTHCHECK. CI runs this after the test suite.
+# The runtime install without Docker: a fresh venv made by scripts/setup.sh --runtime (the first
+# of the README's two commands), then `ckptscope serve` against a scratch data dir, probed like the
+# image's HEALTHCHECK. CI runs this after the test suite (scripts/docker-smoke.sh tests the image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch=$(mktemp -d)

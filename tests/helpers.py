@@ -135,10 +135,30 @@ def assert_state_equal(got: dict, want: dict) -> None:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-def assert_one_line_refusal(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """A CLI refusal: exit 2, one line on stderr naming the problem, no traceback."""
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+def assert_one_line_refusal(out: subprocess.CompletedProcess[str], *fragments: str, status: int = 3) -> None:
+    """A CLI refusal: exit ``status`` (3: unreadable input; 2: usage), one line on stderr naming
+    the problem, no traceback."""
+    assert out.returncode == status, (out.returncode, out.stdout, out.stderr)
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("ckptscope: "), out.stderr
     assert "Traceback" not in out.stderr
     for fragment in fragments:
         assert fragment in out.stderr, out.stderr
+
+
+# --- Prometheus metrics ------------------------------------------------------------------------
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition (the format must parse)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value; a missing sample is a KeyError (absent never reads as 0)."""
+    return metric_samples(text)[(name, frozenset(labels.items()))]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests import factories as f
-from tests.helpers import assert_one_line_refusal, assert_state_equal, models
+from tests.helpers import assert_state_equal, models
+from tests.test_cli_conventions import assert_error
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -61,10 +62,10 @@ def test_unreadable_files_exit_nonzero_with_one_line(tmp_path):
     bad = tmp_path / "junk.pt"
     bad.write_bytes(b"\x00\x01garbage" * 10)
     out = run_cli("inspect", str(bad))
-    assert out.returncode == 2
+    assert out.returncode == 3  # unreadable input
     assert out.stderr.strip().count("\n") == 0 and "unrecognised file" in out.stderr
     out = run_cli("inspect", str(tmp_path / "missing.pt"))
-    assert out.returncode == 2 and "No such file" in out.stderr
+    assert out.returncode == 3 and "No such file" in out.stderr
     good = f.save_torch({"a": torch.zeros(1)}, tmp_path / "a.pt")
     out = run_cli("inspect", str(good), "--root", "nope")
     assert out.returncode == 2 and "no root 'nope'" in out.stderr
@@ -101,6 +102,7 @@ def test_cli_copy_freeze_export_diff(tmp_path):
     assert set(got) == {"classifier.weight", "classifier.bias"} and torch.equal(got["classifier.weight"], a.head.weight)
 
     r = run("diff", str(pb), str(out), "--json")
+    assert r.returncode == 1  # they differ
     counts = json.loads(r.stdout)["counts"]
     unchanged = [k for k, v in expected.state_dict().items() if torch.equal(v, b.state_dict()[k])]
     assert counts["identical"] == len(unchanged) and counts["changed"] == len(b.state_dict()) - len(unchanged)
@@ -165,7 +167,7 @@ def test_cli_parses_every_input_in_a_fresh_sandbox(tmp_path, monkeypatch, capsys
     ]
     for argv, inputs in commands:
         calls.clear()
-        assert cli.main(argv) == 0, capsys.readouterr()
+        assert cli.main(argv) == (1 if argv[0] == "diff" else 0), capsys.readouterr()  # diff: a and b differ
         assert [path for path, _ in calls] == [str(tmp_path / name) for name in inputs]  # absolute
         for _, kwargs in calls:
             assert kwargs == {"limits": Settings().parse_limits, "shards": None}
@@ -182,9 +184,9 @@ def test_cli_a_hanging_parse_ends_within_seconds_and_spares_the_next_file(tmp_pa
     start = time.monotonic()
     out = _run_cli_env("inspect", str(bomb), "--no-stats", timeout=60, **limits)
     assert time.monotonic() - start < 30
-    assert_one_line_refusal(out, str(bomb))
+    assert_error(out, 3, str(bomb))
     for argv in (["diff", str(bomb), str(good)], ["diff", str(good), str(bomb)]):
-        assert_one_line_refusal(_run_cli_env(*argv, timeout=60, **limits), str(bomb))
+        assert_error(_run_cli_env(*argv, timeout=60, **limits), 3, str(bomb))
     out = _run_cli_env("diff", str(good), str(good), "--json", timeout=60, **limits)
     assert out.returncode == 0 and json.loads(out.stdout)["counts"]["identical"] == 1
 
@@ -193,9 +195,9 @@ def test_cli_parse_limits_apply_and_a_crashed_parser_is_one_line(tmp_path):
     good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
     for memory in ("1000000", "16000000"):  # the child cannot even start / cannot import the readers
         out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_MEMORY_BYTES=memory)
-        assert_one_line_refusal(out, str(good))
+        assert_error(out, 3, str(good))
     out = _run_cli_env("inspect", str(good), "--no-stats", CKPTSCOPE_PARSE_TIMEOUT_S="0")
-    assert_one_line_refusal(out, "CKPTSCOPE_PARSE_TIMEOUT_S")
+    assert_error(out, 2, "CKPTSCOPE_PARSE_TIMEOUT_S")
 
 
 def test_cli_reads_a_sharded_set_beside_its_index(tmp_path):
@@ -211,4 +213,4 @@ def test_cli_reads_a_sharded_set_beside_its_index(tmp_path):
 def test_cli_output_that_cannot_be_written_is_one_line(tmp_path):
     good = f.save_torch({"w": torch.ones(3)}, tmp_path / "good.pt")
     out = run_cli("export", str(good), "-o", str(tmp_path / "no" / "such" / "dir.pt"))
-    assert_one_line_refusal(out, "No such file")
+    assert_error(out, 4, "cannot write", "No such file")

@@ -1,4 +1,4 @@
-"""``ckptscope check`` as CI runs it: a real subprocess on real files, exit 0 / 1 / 2, JSON and JUnit."""
+"""``ckptscope check`` as CI runs it: a real subprocess on real files, exit 0 / 1 / 2 / 3, JSON and JUnit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import assert_one_line_refusal
+from tests.test_cli_conventions import assert_error
 
 LAYER = "model.layers.1"
 
@@ -133,18 +133,16 @@ def test_nan_offenders_in_text_and_escaped_in_junit(tmp_path):
     assert 'evil<b>&"\\x1b[31m.weight' in text  # parsed back: escaped on the way in, intact on the way out
 
 
-def test_unreadable_files_and_usage_errors_exit_2_with_one_line(llama, tmp_path):
+def test_unreadable_files_exit_3_and_usage_errors_exit_2_with_one_line(llama, tmp_path):
     base, tuned, _ = llama
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
-    assert_one_line_refusal(run_cli(str(garbage), "--rule", "no-nan"), str(garbage))
-    assert_one_line_refusal(
-        run_cli(str(tuned), "--baseline", str(tmp_path / "missing.pt"), "--rule", "unchanged=lm_head")
-    )
-    assert_one_line_refusal(run_cli(str(tuned), "--rule", "max-abs<=lots"), "max-abs<=lots", "not a number")
-    assert_one_line_refusal(run_cli(str(tuned), "--rule", "unchanged=lm_head"), "baseline")
-    assert_one_line_refusal(run_cli(str(tuned)), "no rules")
-    assert_one_line_refusal(run_cli(str(tuned), "--rules", str(tmp_path / "none.rules")), "none.rules")
+    assert_error(run_cli(str(garbage), "--rule", "no-nan"), 3, str(garbage))  # issue 16: 3, not 2
+    assert_error(run_cli(str(tuned), "--baseline", str(tmp_path / "missing.pt"), "--rule", "unchanged=lm_head"), 3)
+    assert_error(run_cli(str(tuned), "--rule", "max-abs<=lots"), 2, "max-abs<=lots", "not a number")
+    assert_error(run_cli(str(tuned), "--rule", "unchanged=lm_head"), 2, "baseline")
+    assert_error(run_cli(str(tuned)), 2, "no rules")
+    assert_error(run_cli(str(tuned), "--rules", str(tmp_path / "none.rules")), 3, "none.rules")
 
 
 def test_no_untrained_flags_a_fresh_model(llama):

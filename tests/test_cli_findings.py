@@ -31,7 +31,7 @@ def llama_file(tmp_path_factory):
 
 def test_findings_one_line_each_and_json(llama_file):
     out = run_cli("findings", str(llama_file))
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # findings reported
     lines = out.stdout.splitlines()
     assert len(lines) == 3
     got = {(line.split()[2].rstrip(":"), line.split()[1]) for line in lines}
@@ -40,7 +40,7 @@ def test_findings_one_line_each_and_json(llama_file):
     assert "3 findings (1 error, 2 warning)" in out.stderr
 
     out = run_cli("findings", str(llama_file), "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr
     data = json.loads(out.stdout)
     assert {(x["target"], x["rule"]) for x in data["findings"]} == EXPECTED
     assert data["root"] == "" and data["modules"][""]["findings"]["error"] == 1
@@ -63,7 +63,7 @@ def test_inspect_json_has_init_and_findings(llama_file):
 def test_findings_clean_file_thresholds_file_and_bad_input(tmp_path):
     path = f.save_torch({"a.0.weight": torch.ones(4, 4), "b": torch.zeros(8, 8)}, tmp_path / "m.pt")
     out = run_cli("findings", str(path))
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # one finding
     [line] = out.stdout.splitlines()  # the all-zero matrix only
     assert line.split()[:3] == ["warning", "dead", "b:"]
     thresholds = tmp_path / "t.json"
@@ -73,4 +73,4 @@ def test_findings_clean_file_thresholds_file_and_bad_input(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     out = run_cli("findings", str(bad))
-    assert out.returncode == 2 and out.stderr.startswith("ckptscope: ")
+    assert out.returncode == 3 and out.stderr.startswith("ckptscope: ")  # unreadable input

@@ -10,19 +10,21 @@ from starlette.concurrency import run_in_threadpool
 
 from ckptscope.core import Core
 from ckptscope.formats.model import module_types_under
+from ckptscope.http import caching
 from ckptscope.http.deps import MAX_DEPTH, MAX_OFFSET, CoreDep, RootQuery
+from ckptscope.http.idempotency import IdempotencyKeyHeader
 from ckptscope.http.problems import problem
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.insights.identity import DIGEST_PATTERN
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import check as check_svc
 from ckptscope.services import checkpoints as svc
+from ckptscope.services import idempotency as idempotency_svc
 from ckptscope.services import identity as identity_svc
 from ckptscope.services import insights as insights_svc
 from ckptscope.services.inspect import parameter_of, tensor_record
 from ckptscope.stats.model import TensorStats
 from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState, StatsState
-from ckptscope.store.queries import SORTABLE
 
 from . import schemas
 
@@ -57,6 +59,14 @@ def checkpoint_out(core: Core, row: Checkpoint, content: Content) -> dict[str, A
     return checkpoints_out(core, [(row, content)])[0]
 
 
+def checkpoint_location(checkpoint_id: str) -> dict[str, str]:
+    """The ``Location`` header of a response that made (or names) a checkpoint."""
+    return {"Location": f"{router.prefix}/checkpoints/{checkpoint_id}"}
+
+
+MAX_CHECKPOINT_PAGE = 1000  # checkpoints one list request may ask for
+
+
 def job_out(job: Job) -> dict[str, Any]:
     progress = 1.0 if job.state == JobState.DONE else (job.done / job.total if job.total else 0.0)
     return {
@@ -77,6 +87,14 @@ def job_out(job: Job) -> dict[str, Any]:
     status_code=201,
     response_model=schemas.CheckpointOut,
     responses={
+        200: {
+            "model": schemas.CheckpointOut,
+            "description": "a retry (same Idempotency-Key, files and name): the checkpoint the first request made",
+        },
+        201: {
+            "description": "registered; `Location` names the new checkpoint",
+            "headers": {"Location": {"description": "/api/v1/checkpoints/{id}", "schema": {"type": "string"}}},
+        },
         413: {**PROBLEM, "description": "upload larger than CKPTSCOPE_MAX_UPLOAD_BYTES"},
         422: {**PROBLEM, "description": "not a readable checkpoint (the detail says why)"},
     },
@@ -87,8 +105,19 @@ def job_out(job: Job) -> dict[str, Any]:
                     "schema": {
                         "type": "object",
                         "properties": {
-                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "name": {"type": "string"},
+                            "file": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "minItems": 1,
+                                "description": "the checkpoint's file; for a sharded set its index and shards",
+                            },
+                            "name": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 200,
+                                "pattern": schemas.LABEL_PATTERN,
+                                "description": "a label for the checkpoint (default: the file name)",
+                            },
                         },
                         "required": ["file"],
                     }
@@ -101,24 +130,44 @@ def job_out(job: Job) -> dict[str, Any]:
 )
 async def upload_checkpoint(
     request: Request,
+    response: Response,
     core: CoreDep,
     filename: Annotated[str | None, Query(description="display name for a raw (non-multipart) body")] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> dict[str, Any]:
     """Upload a checkpoint: multipart field `file` (repeat it for a sharded set with its index) or
-    the raw file as the body with `?filename=`. Stats are computed in the background."""
+    the raw file as the body with `?filename=`. Stats are computed in the background. `201` with
+    `Location`; with an `Idempotency-Key`, a retry of the same upload answers `200` with the
+    checkpoint the first request made."""
     uploads, fields = await receive_uploads(core, request, filename)
-    row = await run_in_threadpool(svc.ingest, core, uploads, name=fields.get("name") or None)  # parses in a sandbox
+    name = fields.get("name") or None
+    if idempotency_key is None:
+        row = await run_in_threadpool(svc.ingest, core, uploads, name=name)  # parses in a sandbox
+    else:
+        row, replayed = await run_in_threadpool(idempotency_svc.ingest_once, core, uploads, idempotency_key, name)
+        if replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
     row, content = svc.get_checkpoint(core, row.id)
+    response.headers.update(checkpoint_location(row.id))
     return checkpoint_out(core, row, content)
 
 
-@router.get("/checkpoints", response_model=list[schemas.CheckpointOut])
-def list_checkpoints(core: CoreDep) -> list[dict[str, Any]]:
-    return checkpoints_out(core, svc.list_checkpoints(core))
+@router.get("/checkpoints", response_model=schemas.CheckpointPageOut)
+def list_checkpoints(
+    core: CoreDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="checkpoints to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_CHECKPOINT_PAGE, description="most checkpoints to return")] = 100,
+) -> dict[str, Any]:
+    """Checkpoints, newest first, a page at a time (like the tensor list): `total` counts them all."""
+    total, pairs = svc.checkpoint_page(core, offset=offset, limit=limit)
+    return {"total": total, "offset": offset, "limit": limit, "items": checkpoints_out(core, pairs)}
 
 
 @router.get("/checkpoints/{checkpoint_id}", response_model=schemas.CheckpointDetailOut, responses=ERRORS)
 def get_checkpoint(checkpoint_id: str, core: CoreDep) -> dict[str, Any]:
+    """One checkpoint: its roots (the tensor dicts of a nested file), metadata, reader warnings,
+    files, provenance (of an export or copy) and, for pickled formats, what the pickle names."""
     row, content = svc.get_checkpoint(core, checkpoint_id)
     files = [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in svc.files_of(core, content.key)]
     return checkpoint_out(core, row, content) | {
@@ -146,24 +195,44 @@ def rename_checkpoint(checkpoint_id: str, body: schemas.CheckpointPatch, core: C
 
 @router.delete("/checkpoints/{checkpoint_id}", status_code=204, responses=ERRORS)
 def delete_checkpoint(checkpoint_id: str, core: CoreDep) -> Response:
+    """Delete a checkpoint; its bytes and stats go with the last checkpoint of that content."""
     svc.delete_checkpoint(core, checkpoint_id)
     return Response(status_code=204)
 
 
-@router.get("/checkpoints/{checkpoint_id}/tree", response_model=schemas.TreeOut, responses=ERRORS)
+CACHED: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    304: {"description": "`If-None-Match` names the current ETag (set once the stats are done)"},
+}
+
+
+@router.get("/checkpoints/{checkpoint_id}/tree", response_model=schemas.TreeOut, responses=CACHED)
 def get_tree(
     checkpoint_id: str,
+    request: Request,
+    response: Response,
     core: CoreDep,
     root: RootQuery = None,
-    path: Annotated[str, Query(description="dotted module path of the subtree to return")] = "",
+    path: Annotated[
+        str, Query(max_length=schemas.MAX_TEXT, description="dotted module path of the subtree to return")
+    ] = "",
     depth: Annotated[
         int | None, Query(ge=0, le=MAX_DEPTH, description="levels of children to include; all when omitted")
     ] = None,
-) -> dict[str, Any]:
+) -> Any:
     """The module tree with roll-ups (tensor count, parameters, bytes, dtype mix, NaN/Inf totals;
-    once the stats are done, findings by severity and the layers that look untrained)."""
+    once the stats are done, findings by severity and the layers that look untrained). Once the
+    stats are done: an `ETag` and `Cache-Control: immutable` (304 on `If-None-Match`)."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
+    thresholds = core.settings.findings_threshold_values  # they shape the findings roll-ups
+    validators = caching.content_validators(
+        request, content, schemas.TreeOut, root=root, path=path, depth=depth, thresholds=thresholds
+    )
+    unchanged = validators.not_modified(request, lambda: svc.module_node(core, content, root, path))
+    if unchanged is not None:
+        return unchanged
+    validators.apply(response)
     node = svc.module_node(core, content, root, path)
     tree = identity_svc.decorate_tree(core, content, root, node.to_json(depth))
     if content.stats_state == StatsState.DONE:  # the insights of finished stats (cached): no cost per poll
@@ -171,23 +240,37 @@ def get_tree(
     return {"root": root, "stats_state": content.stats_state, "tree": tree}
 
 
-@router.get("/checkpoints/{checkpoint_id}/tensors", response_model=schemas.TensorPageOut, responses=ERRORS)
+@router.get("/checkpoints/{checkpoint_id}/tensors", response_model=schemas.TensorPageOut, responses=CACHED)
 def list_tensors(
     checkpoint_id: str,
+    request: Request,
     core: CoreDep,
     root: RootQuery = None,
-    prefix: Annotated[str, Query(description="only names starting with this (e.g. 'encoder.')")] = "",
-    search: Annotated[str, Query(description="only names containing this (case-insensitive)")] = "",
-    kind: Annotated[str | None, Query(pattern="^(parameter|buffer|alias)$")] = None,
+    prefix: Annotated[
+        str, Query(max_length=schemas.MAX_TEXT, description="only names starting with this (e.g. 'encoder.')")
+    ] = "",
+    search: Annotated[
+        str, Query(max_length=schemas.MAX_TEXT, description="only names containing this (case-insensitive)")
+    ] = "",
+    kind: Annotated[schemas.TensorKind | None, Query(description="only parameters, buffers or aliases")] = None,
     nonfinite: Annotated[bool, Query(description="only tensors with NaN or Inf")] = False,
-    sort: Annotated[str, Query(description=f"one of {', '.join(SORTABLE)}")] = "position",
+    sort: Annotated[schemas.SortKey, Query(description="the column to sort by")] = "position",
     desc: bool = False,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 100,
 ) -> Any:
-    """Tensors with their stats (`stats` is null while the stats job is still running)."""
+    """Tensors with their stats (`stats` is null while the stats job is still running). Once the
+    stats are done: an `ETag` and `Cache-Control: immutable` (304 on `If-None-Match`)."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
+    svc.check_sort(sort)
+    query = {"prefix": prefix, "search": search, "kind": kind, "nonfinite": nonfinite, "sort": sort, "desc": desc}
+    validators = caching.content_validators(
+        request, content, schemas.TensorPageOut, root=root, query=query, offset=offset, limit=limit
+    )
+    unchanged = validators.not_modified(request)
+    if unchanged is not None:
+        return unchanged
     page = svc.tensor_page(
         core,
         content,
@@ -205,7 +288,8 @@ def list_tensors(
     # built as plain JSON (the schema above documents it): validating thousands of rows through
     # pydantic again would double the time of a page of stats
     return JSONResponse(
-        {
+        headers=validators.headers(),
+        content={
             "root": root,
             "total": page.total,
             "offset": offset,
@@ -216,7 +300,7 @@ def list_tensors(
                 | {"stats": _page_stats(s), "init": insights_svc.init_json(t, s, types)}
                 for t, s in page.rows
             ],
-        }
+        },
     )
 
 
@@ -246,7 +330,7 @@ def get_preview(
     request: Request,
     root: RootQuery = None,
     reduce: Annotated[
-        str, Query(pattern="^(mean|absmax)$", description="block mean, or the block's value of largest magnitude")
+        schemas.PreviewReduce, Query(description="block mean, or the block's value of largest magnitude")
     ] = "mean",
     index: Annotated[
         str | None,
@@ -292,20 +376,32 @@ def get_spectrum(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery =
 
 
 @router.get(
-    "/checkpoints/{checkpoint_id}/tensors/{name:path}", response_model=schemas.TensorDetailOut, responses=ERRORS
+    "/checkpoints/{checkpoint_id}/tensors/{name:path}", response_model=schemas.TensorDetailOut, responses=CACHED
 )
-def get_tensor(checkpoint_id: str, name: str, core: CoreDep, root: RootQuery = None) -> dict[str, Any]:
-    """One tensor with full stats and its 64-bin histogram."""
+def get_tensor(
+    checkpoint_id: str, name: str, request: Request, response: Response, core: CoreDep, root: RootQuery = None
+) -> Any:
+    """One tensor with full stats and its 64-bin histogram. Once the stats are done: an `ETag` (304
+    on `If-None-Match`) with `Cache-Control: no-cache`, not immutable: `identical_elsewhere` names
+    other checkpoints, which come and go."""
     _, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     info, stats = svc.tensor_detail(core, content, root, name)
+    elsewhere = identity_svc.identical_elsewhere(core, checkpoint_id, root, info.name, stats)
+    validators = caching.content_validators(
+        request, content, schemas.TensorDetailOut, root=root, name=info.name, elsewhere=elsewhere, immutable=False
+    )
+    unchanged = validators.not_modified(request)
+    if unchanged is not None:
+        return unchanged
+    validators.apply(response)
     types = module_types_under(content.module_types or {}, root)
     return tensor_record(info, stats, parameter_of(content.param_of, root, info.name)) | {
         "stats": stats.to_json() if stats else None,
         "init": insights_svc.init_json(info, stats, types),
         "root": root,
         "stats_state": content.stats_state,
-        "identical_elsewhere": identity_svc.identical_elsewhere(core, checkpoint_id, root, info.name, stats),
+        "identical_elsewhere": elsewhere,
     }
 
 
@@ -351,6 +447,7 @@ def modules_by_digest(digest: DigestPath, core: CoreDep, limit: DigestLimit = 10
 
 @router.get("/jobs/{job_id}", response_model=schemas.JobOut, responses=ERRORS, tags=["jobs"])
 def get_job(job_id: str, core: CoreDep) -> dict[str, Any]:
+    """A stats job: its state, bytes done of total and progress (0 to 1)."""
     return job_out(core.queries.get_job(job_id))
 
 
@@ -397,7 +494,9 @@ def copy_modules(body: schemas.CopyRequest, core: CoreDep, request: Request) -> 
         return {"written": False, "report": report.to_json(), "checkpoint": None}
     row, content = svc.get_checkpoint(core, row.id)
     body_out = {"written": True, "report": report.to_json(), "checkpoint": checkpoint_out(core, row, content)}
-    return JSONResponse(schemas.CopyResult(**body_out).model_dump(mode="json"), status_code=201)
+    return JSONResponse(
+        schemas.CopyResult(**body_out).model_dump(mode="json"), status_code=201, headers=checkpoint_location(row.id)
+    )
 
 
 @ops_router.post(
@@ -430,10 +529,13 @@ def freeze_plan(checkpoint_id: str, body: schemas.FreezeRequest, core: CoreDep) 
 @ops_router.post(
     "/checkpoints/{checkpoint_id}/export", status_code=201, response_model=schemas.ExportResult, responses=ERRORS
 )
-def export_checkpoint(checkpoint_id: str, body: schemas.ExportRequest, core: CoreDep) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint_id: str, body: schemas.ExportRequest, core: CoreDep, response: Response
+) -> dict[str, Any]:
     """Write the selected tensors as a new partial checkpoint (bytes streamed from the source,
-    bit-identical unless `dtype` casts them), stored in the catalogue and downloadable. Quantized
-    GGUF tensors are dequantized (to `dtype`, float32 by default), as `dequantized` reports."""
+    bit-identical unless `dtype` casts them), stored in the catalogue and downloadable (`Location`
+    names it). Quantized GGUF tensors are dequantized (to `dtype`, float32 by default), as
+    `dequantized` reports."""
     row, plan = ops.export(
         core,
         checkpoint_id,
@@ -446,18 +548,31 @@ def export_checkpoint(checkpoint_id: str, body: schemas.ExportRequest, core: Cor
         dtype=body.dtype,
     )
     row, content = svc.get_checkpoint(core, row.id)
+    response.headers.update(checkpoint_location(row.id))
     return checkpoint_out(core, row, content) | {
         "freeze_plan": plan.to_json() if plan else None,
         "dequantized": (row.provenance or {}).get("dequantized"),
     }
 
 
-@ops_router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse, responses=ERRORS)
+@ops_router.get(
+    "/checkpoints/{checkpoint_id}/download",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the file's bytes (`Content-Disposition` names it)",
+        },
+        **ERRORS,
+    },
+)
 def download(
     checkpoint_id: str,
     core: CoreDep,
     file: Annotated[str | None, Query(description="file name, for a sharded set")] = None,
 ) -> FileResponse:
+    """The checkpoint's file as stored (bit-identical to the upload or the export); a sharded set
+    one file at a time (`?file=`)."""
     path, name = ops.download(core, checkpoint_id, file)
     return FileResponse(path, filename=name, media_type="application/octet-stream")
 

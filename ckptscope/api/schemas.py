@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from ckptscope.stats.model import STATISTICS
+from ckptscope.store.queries import SORTABLE
 
 # Bounds of the operation requests (the body itself is capped by CKPTSCOPE_MAX_BODY_BYTES).
 MAX_TEXT = 4096  # characters of one id, root, prefix or name
@@ -15,6 +16,27 @@ MAX_ITEMS = 10_000  # prefixes in include/exclude/freeze, entries in a mapping o
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
 Prefixes = Annotated[list[Text], Field(max_length=MAX_ITEMS)]
 PrefixMap = Annotated[dict[Text, Text], Field(max_length=MAX_ITEMS)]
+# A checkpoint's label (upload form, rename): 1 to 200 characters with at least one that is neither
+# white space nor a control character (checkpoint_label trims those; a NUL stays, as visible text).
+LABEL_PATTERN = r"[^\x01-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=LABEL_PATTERN)]
+TensorKind = Literal["parameter", "buffer", "alias"]
+PreviewReduce = Literal["mean", "absmax"]
+ExportFormat = Literal["safetensors", "pt"]
+ExportDtype = Literal["float32", "float16", "bfloat16"]
+if TYPE_CHECKING:
+    SortKey = str
+else:  # the tensor list's sort columns (the catalogue's), as an enum in the schema
+    SortKey = Literal[SORTABLE]
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """A catalogue timestamp in UTC: SQLite hands back naive datetimes (they were written in UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# RFC 3339 with its zone in every response, e.g. 2026-12-01T17:02:16.296000Z, whatever the database
+Timestamp = Annotated[datetime, AfterValidator(_in_utc), Field(description="RFC 3339, in UTC")]
 
 
 class LogHistOut(BaseModel):
@@ -180,8 +202,8 @@ class JobOut(BaseModel):
     total: int
     progress: float
     error: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
 
 
 class FileOut(BaseModel):
@@ -203,18 +225,27 @@ class CheckpointOut(BaseModel):
     tensor_count: int
     total_bytes: int = Field(description="bytes of tensor data, tied tensors counted once")
     size_bytes: int = Field(description="bytes uploaded")
-    created_at: datetime
+    created_at: Timestamp
     origin: str
     stats_state: str
     job_id: str | None
 
 
+class CheckpointPageOut(BaseModel):
+    total: int = Field(description="how many checkpoints there are (items may be fewer: offset, limit)")
+    offset: int
+    limit: int
+    items: list[CheckpointOut] = Field(description="newest first")
+
+
 class CheckpointPatch(BaseModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
-        description="the checkpoint's new label (1 to 200 characters; control characters become spaces)"
+    name: Label = Field(
+        description="the checkpoint's new label (1 to 200 characters, not all blank; control characters become "
+        "spaces, leading and trailing blanks are trimmed)",
+        examples=["baseline, epoch 12"],
     )
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "baseline, epoch 12"}]})
 
 
 class PickleGlobalOut(BaseModel):
@@ -286,7 +317,7 @@ class TreeOut(BaseModel):
 class CopyRequest(BaseModel):
     source: Text = Field(description="checkpoint id to copy tensors from")
     target: Text = Field(description="checkpoint id to copy into (never modified; the result is a new checkpoint)")
-    mapping: PrefixMap = Field(
+    mapping: Annotated[PrefixMap, Field(min_length=1)] = Field(
         description="source prefix -> target prefix, e.g. {'encoder.': 'backbone.'}; "
         "{'module.': ''} strips a DDP prefix"
     )
@@ -298,6 +329,19 @@ class CopyRequest(BaseModel):
     dry_run: bool = Field(False, description="only report what would happen")
     source_root: Text | None = None
     target_root: Text | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "source": "4f0769a1753b49768ebba314955bc2d6",
+                    "target": "f8d72366903645bf9d98e6934f5cf072",
+                    "mapping": {"module.encoder.": "backbone."},
+                    "dry_run": True,
+                }
+            ]
+        }
+    )
 
 
 class CopyResult(BaseModel):
@@ -312,22 +356,29 @@ class CopyResult(BaseModel):
 
 
 class FreezeRequest(BaseModel):
-    freeze: Prefixes = Field(description="modules to freeze, e.g. ['backbone.', 'embed']")
+    freeze: Annotated[Prefixes, Field(min_length=1)] = Field(
+        description="modules to freeze, e.g. ['backbone.', 'embed']"
+    )
     root: Text | None = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"freeze": ["backbone."]}]})
 
 
 class ExportRequest(BaseModel):
     include: Prefixes = Field(default_factory=list, description="modules/tensors to keep (all when empty)")
     exclude: Prefixes = Field(default_factory=list, description="modules/tensors to drop")
     rename: PrefixMap = Field(default_factory=dict, description="prefix renames, e.g. {'module.': ''}")
-    format: str = Field("safetensors", pattern="^(safetensors|pt)$")
+    format: ExportFormat = Field("safetensors", description="the output file's format")
     freeze: Prefixes = Field(default_factory=list, description="embed a freeze plan for these modules")
     root: Text | None = None
-    dtype: str | None = Field(
+    dtype: ExportDtype | None = Field(
         None,
-        pattern="^(float32|float16|bfloat16)$",
         description="store floating-point tensors in this dtype; quantized GGUF tensors are dequantized to it "
         "(to float32 when not given); integer tensors are kept as they are",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"include": ["backbone."], "rename": {"module.": ""}, "format": "safetensors"}]}
     )
 
 
@@ -338,14 +389,19 @@ class ExportResult(CheckpointOut):
     )
 
 
+RuleText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT, pattern=r"\S")]
+
+
 class CheckRequest(BaseModel):
-    rules: Annotated[list[Text], Field(min_length=1, max_length=1000)] = Field(
+    rules: Annotated[list[RuleText], Field(min_length=1, max_length=1000)] = Field(
         description="rules, e.g. ['no-nan', 'max-abs<=100', 'dtype==bf16@model.layers', 'changed-only=lm_head'] "
         "(README 'Gate a CI pipeline' lists them)"
     )
     baseline: Text | None = Field(None, description="checkpoint id to compare with (changed-only=, unchanged=)")
     root: Text | None = None
     baseline_root: Text | None = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"rules": ["no-nan", "max-abs<=100"]}]})
 
 
 class RuleResultOut(BaseModel):

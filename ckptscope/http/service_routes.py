@@ -11,6 +11,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from ckptscope.metrics import CONTENT_TYPE
+
 from . import csrf
 from .auth import COOKIE, close_session, open_session, safe_next
 from .deps import CoreDep, HtmlDep
@@ -44,9 +46,11 @@ def readyz(core: CoreDep) -> Response:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
-def metrics(core: CoreDep) -> PlainTextResponse:
-    """Prometheus text format: requests, errors, uploads, bytes, rejections, job durations."""
-    return PlainTextResponse(core.metrics.render(), media_type="text/plain; version=0.0.4")
+def metrics(core: CoreDep) -> Response:
+    """Prometheus text format: request latency by route, requests and 5xx errors, uploads and their
+    bytes, rejections and parse failures by code, stats jobs, throughput and queue depth; summed over
+    the server processes that share the data directory."""
+    return Response(core.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/login", response_class=HTMLResponse, include_in_schema=False)

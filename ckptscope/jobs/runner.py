@@ -135,6 +135,8 @@ class JobRunner:
                 .values(stats_state=StatsState.PENDING, stats_heartbeat=utcnow())  # queued here, as of now
             )
         future = self._executor().submit(self._run_stats, job.id, content_key)
+        self.metrics.job_queued()
+        future.add_done_callback(lambda _: self.metrics.job_left_queue())  # ran, failed or dropped
         with self._lock:
             self._active[content_key] = (job.id, future)
         return job.id
@@ -243,8 +245,7 @@ class JobRunner:
             if not self._set_own_content(key, stats_state=StatsState.DONE, stats_owner=None) or (infos and not updated):
                 raise StatsCancelled()  # the checkpoint was deleted (or taken over) while its stats ran
             self._set_job(job_id, state=JobState.DONE, done=total, finished_at=utcnow())
-            self.metrics.inc("ckptscope_jobs_total", kind="stats", state=JobState.DONE)
-            self.metrics.observe("ckptscope_job_duration_seconds", time.monotonic() - started)
+            self.metrics.stats_finished(total, time.monotonic() - started)
             log.info(
                 "stats for %s: %d tensors, %d bytes in %.2fs", key[:12], len(infos), total, time.monotonic() - started
             )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ckptscope.errors import Invalid, NotFound
+from ckptscope.errors import CheckpointError, Invalid, NotFound
 from ckptscope.formats import TensorInfo
 from ckptscope.formats.model import module_types_under
 from ckptscope.formats.sandbox import open_checkpoint_sandboxed
@@ -20,6 +20,7 @@ from ckptscope.store.blobs import Blob
 from ckptscope.store.catalogue import Checkpoint, Content, FileRef, StatsState
 from ckptscope.store.queries import StoredFile, TensorPage
 from ckptscope.store.queries import check_root as check_root  # for the routes
+from ckptscope.store.queries import check_sort as check_sort  # for the routes
 from ckptscope.text import make_storable, storable_text
 
 from .uploaded_folders import arrange_upload
@@ -48,11 +49,11 @@ def checkpoint_label(raw: str) -> str:
     """A name a user gives a checkpoint (upload form, rename): 1..MAX_LABEL characters once trimmed,
     control characters (newlines, tabs) as spaces, NULs and lone surrogates as visible escapes
     (``storable_text``), so any catalogue database can hold it."""
-    text = storable_text(raw)
-    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
+    # counted as the user typed it (the schema's maxLength), before a NUL becomes a 4-character escape
+    text = "".join(" " if ch != "\x00" and unicodedata.category(ch) == "Cc" else ch for ch in raw).strip()
     if not 1 <= len(text) <= MAX_LABEL:
         raise Invalid(f"a checkpoint name has 1 to {MAX_LABEL} characters (got {len(text)})")
-    return text
+    return str(storable_text(text))
 
 
 def _content_key(uploads: Sequence[Upload]) -> str:
@@ -81,10 +82,12 @@ def ingest(
     name: str | None = None,
     origin: str = "upload",
     provenance: dict[str, Any] | None = None,
+    idempotency: tuple[str, str] | None = None,
 ) -> Checkpoint:
     """Register uploaded blobs as a checkpoint. On any refusal the blobs that nothing else uses are
     removed, so a failed upload leaves no file and no catalogue row behind. Either way the
-    upload's pins on its blobs are released."""
+    upload's pins on its blobs are released. ``idempotency``: (Idempotency-Key, request
+    fingerprint) to record with it (``ckptscope.services.idempotency``)."""
     try:
         if not uploads:
             raise Invalid("no file was uploaded (send the checkpoint in the multipart field 'file')")
@@ -96,13 +99,17 @@ def ingest(
         # shard names resolve only among the files of this upload, never next to the blob (that
         # directory holds other uploads' blobs)
         with core.parse_slots:
-            listing = open_checkpoint_sandboxed(
-                primary.blob.path,
-                shards=by_name,
-                name=display_name(primary.name),
-                limits=core.parse_limits,
-                folder=chosen.folder,
-            )
+            try:
+                listing = open_checkpoint_sandboxed(
+                    primary.blob.path,
+                    shards=by_name,
+                    name=display_name(primary.name),
+                    limits=core.parse_limits,
+                    folder=chosen.folder,
+                )
+            except CheckpointError as exc:
+                core.metrics.inc("ckptscope_parse_failures_total", code=exc.code)
+                raise
         listing.warnings += chosen.notes
         make_storable(listing)  # text any database can hold (bad_name); the CLI applies the same rule
         used = {str(p) for p in listing.files}
@@ -120,6 +127,7 @@ def ingest(
             name=checkpoint_label(name) if name else display_name(chosen.name or primary.name),
             origin=origin,
             provenance=provenance,
+            idempotency=idempotency,
         )
     finally:
         release_blobs(core, [u.blob for u in uploads])
@@ -137,6 +145,11 @@ def get_checkpoint(core: Core, checkpoint_id: str) -> tuple[Checkpoint, Content]
 
 def list_checkpoints(core: Core) -> list[tuple[Checkpoint, Content]]:
     return core.queries.list_checkpoints()
+
+
+def checkpoint_page(core: Core, *, offset: int, limit: int) -> tuple[int, list[tuple[Checkpoint, Content]]]:
+    """All checkpoints counted, and ``limit`` of them from ``offset``, newest first."""
+    return core.queries.checkpoint_page(offset=offset, limit=limit)
 
 
 def files_of(core: Core, content_key: str) -> list[FileRef]:

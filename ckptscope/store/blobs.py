@@ -9,10 +9,16 @@ already there) is *pinned* until the upload is registered or refused: a pin is a
 ``pins/<sha>.<token>``, made under the store's lock (an ``flock`` on ``blobs.lock``) in the same
 step that puts the blob in place. Deleting a blob takes the same lock and skips pinned blobs, so
 a deletion in one process can never remove the bytes another process is about to register.
+
+An upload's temp file is *held* while it is written: its writer keeps an ``flock`` on it (taken
+under the store's lock, as it is made). Start-up cleaning removes every upload temp file no live
+process holds, however fresh (a server killed mid-upload leaves nothing behind once one starts
+again), and never one that another process sharing the data directory is still writing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -41,7 +47,9 @@ class BlobWriter:
     def __init__(self, store: BlobStore, limit: int | None) -> None:
         self._store = store
         self._limit = limit
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        with file_lock(store.lock_path):  # made and held in one step: never cleaned in between
+            fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._file = os.fdopen(fd, "wb")
         self._temp = Path(name)
         self._hash = hashlib.sha256()
@@ -58,13 +66,36 @@ class BlobWriter:
     def commit(self) -> Blob:
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
-        return self._store._place(self._temp, self._hash.hexdigest(), self.size)
+        try:  # still held while it is moved into place
+            return self._store._place(self._temp, self._hash.hexdigest(), self.size)
+        finally:
+            self._file.close()
 
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
         self._temp.unlink(missing_ok=True)
+
+
+def check_writable(root: Path) -> None:
+    """Raise OSError with a one-line reason (for ``ckptscope serve``) when the data directory, or a
+    folder or catalogue file already in it, cannot be written by this process."""
+    where = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for where in (root, root / "blobs", root / "tmp", root / "pins"):
+            if where.is_dir():
+                with tempfile.TemporaryFile(dir=where):
+                    pass
+        where = root / "catalogue.db"
+        if where.exists() and not os.access(where, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(
+            f"data directory {root}: cannot write {where} as uid {os.getuid()} gid {os.getgid()} ({reason}); "
+            "give the directory to this user or set CKPTSCOPE_DATA_DIR"
+        ) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,7 +126,7 @@ class BlobStore:
 
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh path in the store's temp directory, for a file the server writes itself."""
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="write-", suffix=suffix)
         os.close(fd)
         return Path(name)
 
@@ -157,10 +188,21 @@ class BlobStore:
         return True
 
     def clean_tmp(self, older_than_s: float = 6 * 3600) -> None:
-        """Remove temp files and pins a crashed process left behind (called at start-up). Only old
-        ones: another server process sharing the data directory may be mid-upload."""
+        """Remove temp files and pins a crashed process left behind (called at start-up): every
+        upload temp file no process holds, and the server's own temp files and pins when old
+        (another server process sharing the data directory may be using them)."""
+        with file_lock(self.lock_path):
+            for upload in self.tmp_dir.glob("upload-*"):
+                try:
+                    with upload.open("rb") as fh:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: nobody writes it
+                        upload.unlink()
+                except BlockingIOError:
+                    pass  # held by a live writer
+                except FileNotFoundError:
+                    pass
         now = time.time()
-        leftovers = [(p, older_than_s) for p in self.tmp_dir.glob("upload-*")]
+        leftovers = [(p, older_than_s) for p in self.tmp_dir.glob("write-*")]
         leftovers += [(p, PIN_TTL_S) for p in self.pin_dir.iterdir()]
         for leftover, max_age in leftovers:
             try:

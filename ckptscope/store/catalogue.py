@@ -185,6 +185,19 @@ class LoginSession(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class IdempotencyKey(Base):
+    """An upload's ``Idempotency-Key``: the checkpoint its first request made and a fingerprint of
+    that request's files and name, so a retry returns that checkpoint and a reuse with another
+    request is refused. The key is the primary key: two processes racing on one key conflict, and
+    the loser's transaction runs again and finds the winner's row. Kept while the checkpoint is."""
+
+    __tablename__ = "idempotency_keys"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})

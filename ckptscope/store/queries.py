@@ -35,6 +35,7 @@ from .catalogue import (
     Checkpoint,
     Content,
     FileRef,
+    IdempotencyKey,
     Job,
     LoginSession,
     ModuleDigestRow,
@@ -71,6 +72,23 @@ class TensorPage:
     rows: list[tuple[TensorInfo, TensorStats | None]]
 
 
+class KeyTaken(Exception):
+    """``register`` found its idempotency key taken by a request with the same fingerprint: the
+    checkpoint that request made (nothing was registered)."""
+
+    def __init__(self, checkpoint_id: str) -> None:
+        super().__init__(checkpoint_id)
+        self.checkpoint_id = checkpoint_id
+
+
+def key_reused() -> Invalid:
+    return Invalid(
+        "this Idempotency-Key was sent before with a different upload (other files or another name); "
+        "use a new key for a new upload",
+        "idempotency-key-reused",
+    )
+
+
 def _like_prefix(prefix: str) -> str:
     return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
 
@@ -100,6 +118,30 @@ class CatalogueQueries:
             )
             return [(c, k) for c, k in rows]
 
+    def checkpoint_page(self, *, offset: int, limit: int) -> tuple[int, list[tuple[Checkpoint, Content]]]:
+        """How many checkpoints there are, and ``limit`` of them from ``offset``, newest first."""
+        stmt = (
+            select(Checkpoint, Content)
+            .join(Content, Checkpoint.content_key == Content.key)
+            .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        with self.catalogue.session() as session:
+            total = session.scalar(select(func.count()).select_from(Checkpoint)) or 0
+            return total, [(c, k) for c, k in session.execute(stmt)]
+
+    def checkpoint_for_key(self, key: str, fingerprint: str) -> Checkpoint | None:
+        """The checkpoint an upload with this idempotency key made, None when the key is new;
+        ``idempotency-key-reused`` (422) when it was sent with another request's fingerprint."""
+        with self.catalogue.session() as session:
+            taken = session.get(IdempotencyKey, key)
+            if taken is None:
+                return None
+            if not hmac.compare_digest(taken.fingerprint, fingerprint):
+                raise key_reused()
+            return session.get(Checkpoint, taken.checkpoint_id)
+
     def rename_checkpoint(self, checkpoint_id: str, name: str) -> None:
         """Give a checkpoint a new label (its content, files and id stay)."""
         stmt = update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(name=name)
@@ -122,14 +164,24 @@ class CatalogueQueries:
         name: str,
         origin: str,
         provenance: dict[str, Any] | None,
+        idempotency: tuple[str, str] | None = None,
     ) -> tuple[Checkpoint, Content]:
         """Add a checkpoint row named ``name`` for the content ``key``, and the content
         with its files and tensor rows unless it is listed already. Another process may register
         the same content at the same moment (the loser's insert conflicts) or delete it (the
-        checkpoint's reference fails): then the whole transaction runs again."""
+        checkpoint's reference fails): then the whole transaction runs again. ``idempotency``:
+        (key, request fingerprint) recorded with the new checkpoint; a key taken already raises
+        ``KeyTaken`` (same fingerprint) or ``idempotency-key-reused`` (another one), and nothing is
+        registered."""
 
         def transaction() -> tuple[Checkpoint, Content]:
             with self.catalogue.session() as session, session.begin():
+                if idempotency is not None:
+                    taken = session.get(IdempotencyKey, idempotency[0])
+                    if taken is not None:
+                        if not hmac.compare_digest(taken.fingerprint, idempotency[1]):
+                            raise key_reused()
+                        raise KeyTaken(taken.checkpoint_id)
                 content = session.get(Content, key)
                 if content is None:
                     content = Content(
@@ -159,6 +211,9 @@ class CatalogueQueries:
                     provenance=provenance,
                 )
                 session.add(row)
+                if idempotency is not None:  # a concurrent request with this key conflicts here
+                    session.flush()
+                    session.add(IdempotencyKey(key=idempotency[0], fingerprint=idempotency[1], checkpoint_id=row.id))
             return row, content
 
         return retry_conflicts(transaction)
@@ -174,6 +229,7 @@ class CatalogueQueries:
                 if row is None:
                     raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
                 key = row.content_key
+                session.execute(delete(IdempotencyKey).where(IdempotencyKey.checkpoint_id == checkpoint_id))
                 session.delete(row)
                 session.flush()
                 others = session.scalar(
@@ -243,8 +299,7 @@ class CatalogueQueries:
         offset: int = 0,
         limit: int = 100,
     ) -> TensorPage:
-        if sort not in SORTABLE:
-            raise Invalid(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE)}")
+        check_sort(sort)
         base = _root_filter(select(TensorRow), content, root, prefix)
         if search:
             base = base.where(func.lower(TensorRow.name).like("%" + _like_prefix(search.lower()), escape="\\"))
@@ -415,6 +470,13 @@ class CatalogueQueries:
     def revoke_session(self, id_hash: str) -> None:
         with self.catalogue.session() as session, session.begin():
             session.execute(delete(LoginSession).where(LoginSession.id_hash == id_hash))
+
+
+def check_sort(sort: str) -> str:
+    """A tensor list's sort column, or ``invalid`` (422)."""
+    if sort not in SORTABLE:
+        raise Invalid(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE)}")
+    return sort
 
 
 def check_root(content: Content, root: str | None) -> str:

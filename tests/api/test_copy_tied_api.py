@@ -71,7 +71,7 @@ def test_rest_tied_conflict_is_refused_when_strict_and_resolved_like_torch_when_
         problem = r.json()
         assert problem["code"] == "tied_conflict"
         assert "'model.embed_tokens.weight'" in problem["detail"] and "'lm_head.weight'" in problem["detail"]
-    assert len(client.get("/api/v1/checkpoints").json()) == 2  # nothing written
+    assert client.get("/api/v1/checkpoints").json()["total"] == 2  # nothing written
 
     r = client.post("/api/v1/copy", json={"source": ida, "target": idb, "mapping": BOTH, "strict": False})
     assert r.status_code == 201, r.text

@@ -215,14 +215,14 @@ def test_a_copy_whose_written_bytes_differ_fails_and_keeps_nothing(client, tmp_p
         path.write_bytes(bytes(data))
 
     monkeypatch.setattr(ops, "write_checkpoint", corrupting)
-    before = len(client.get("/api/v1/checkpoints").json())
+    before = client.get("/api/v1/checkpoints").json()["total"]
     r = client.post("/api/v1/copy", json={"source": m1, "target": m2, "mapping": {"nn_same": "nn_same"}})
     assert r.status_code == 422 and r.json()["code"] == "copy_not_verified", r.text
     assert "nn_same.3.bias" in r.json()["detail"]
     verified = r.json()["verified"]
     assert not verified["ok"] and [m["target"] for m in verified["mismatched"]] == ["nn_same.3.bias"]
     assert verified["counts"]["identical"] == 8 and verified["modules"][0]["identical"] is False
-    assert len(client.get("/api/v1/checkpoints").json()) == before
+    assert client.get("/api/v1/checkpoints").json()["total"] == before
     # the UI says so too
     r = client.post(
         f"/checkpoints/{m1}/copy",
@@ -270,10 +270,10 @@ def test_cli_diff_shows_identical_modules(tmp_path, capsys):
     sd = torch.load(p1)
     sd["head.weight"] = sd["head.weight"] + 1
     p3 = f.save_torch(sd, tmp_path / "other.pt")
-    assert cli.main(["diff", str(p1), str(p3)]) == 0
+    assert cli.main(["diff", str(p1), str(p3)]) == 1  # they differ (head.weight)
     text = capsys.readouterr().out
     assert "identical modules (1): nn_same" in text and "changed  head.weight" in text
-    assert cli.main(["diff", str(p1), str(p3), "--json"]) == 0
+    assert cli.main(["diff", str(p1), str(p3), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["identical_modules"] == ["nn_same"] and result["skipped_reads"] == 0  # no digests in a file diff
 

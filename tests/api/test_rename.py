@@ -31,7 +31,7 @@ def test_rename_sets_the_label_everywhere_and_keeps_id_content_and_files(client,
     assert body["id"] == ckpt and body["sha256"] == before["sha256"] and body["size_bytes"] == before["size_bytes"]
     after = client.get(f"/api/v1/checkpoints/{ckpt}").json()
     assert after["name"] == "baseline run 3/final" and after["files"] == before["files"]
-    assert [c["name"] for c in client.get("/api/v1/checkpoints").json()] == ["baseline run 3/final"]
+    assert [c["name"] for c in client.get("/api/v1/checkpoints").json()["items"]] == ["baseline run 3/final"]
     # the label is not a file name: the download keeps the file's own name (and its bytes)
     d = client.get(f"/api/v1/checkpoints/{ckpt}/download")
     assert d.status_code == 200 and d.content == (tmp_path / "model.safetensors").read_bytes()
@@ -86,6 +86,14 @@ def test_not_json_is_422(client, ckpt):
 
 def test_200_characters_are_allowed(client, ckpt):
     assert client.patch(f"/api/v1/checkpoints/{ckpt}", json={"name": "é" * 200}).json()["name"] == "é" * 200
+
+
+def test_a_nul_counts_as_one_character_as_the_schema_says(client, ckpt):
+    """The schema's maxLength is the user's characters: the escape a NUL is stored as does not count."""
+    r = client.patch(f"/api/v1/checkpoints/{ckpt}", json={"name": "x" * 199 + "\x00"})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "x" * 199 + "\\x00" == name_of(client, ckpt)
+    assert client.patch(f"/api/v1/checkpoints/{ckpt}", json={"name": "x" * 200 + "\x00"}).status_code == 422
 
 
 def test_unstorable_characters_become_visible_text(client, ckpt):
@@ -145,7 +153,7 @@ def test_upload_name_field_is_a_label(client, tmp_path):
     assert r.status_code == 201 and r.json()["name"] == "exp 7/ema"
     with path.open("rb") as fh:
         r = client.post("/api/v1/checkpoints", files={"file": ("w.safetensors", fh)}, data={"name": "x" * 201})
-    assert r.status_code == 422 and len(client.get("/api/v1/checkpoints").json()) == 1
+    assert r.status_code == 422 and client.get("/api/v1/checkpoints").json()["total"] == 1
 
 
 # --- the UI's rename form -------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def ckpt(client, tmp_path) -> str:
 
 
 def count(client) -> int:
-    return len(client.get("/api/v1/checkpoints").json())
+    return client.get("/api/v1/checkpoints").json()["total"]
 
 
 # --- 1. request bodies -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from ckptscope.config import Settings
 from ckptscope.main import create_app
 from tests import factories as f
-from tests.helpers import csrf_token, make_client, upload, wait_stats
+from tests.helpers import csrf_token, make_client, metric_value, upload, wait_stats
 
 TOKEN = "s3cret-token"
 
@@ -29,7 +29,7 @@ def test_api_needs_the_bearer_token(secured, tmp_path):
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert secured.get("/api/v1/checkpoints", headers={"Authorization": "Bearer wrong"}).status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert secured.get("/api/v1/checkpoints", headers=auth).json() == []
+    assert secured.get("/api/v1/checkpoints", headers=auth).json()["items"] == []
     path = f.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
     with path.open("rb") as fh:
         assert secured.post("/api/v1/checkpoints", files={"file": ("w.pt", fh)}).status_code == 401
@@ -93,12 +93,12 @@ def test_metrics_count_uploads_rejections_jobs_and_requests(tmp_path):
         wait_stats(c, body["id"])
         c.post("/api/v1/checkpoints", files={"file": ("bad.pt", b"junk" * 10)})
         text = c.get("/metrics").text
-    assert "ckptscope_uploads_total 1" in text
-    assert f"ckptscope_upload_bytes_total {body['size_bytes']}" in text
-    assert 'ckptscope_uploads_rejected_total{reason="unknown_format"} 1' in text
-    assert 'ckptscope_jobs_total{kind="stats",state="done"} 1' in text
-    assert "ckptscope_job_duration_seconds_count 1" in text
-    assert 'ckptscope_http_requests_total{method="POST",status="4xx"} 1' in text
+    assert metric_value(text, "ckptscope_uploads_total") == 1
+    assert metric_value(text, "ckptscope_upload_bytes_total") == body["size_bytes"]
+    assert metric_value(text, "ckptscope_uploads_rejected_total", reason="unknown_format") == 1
+    assert metric_value(text, "ckptscope_jobs_total", kind="stats", state="done") == 1
+    assert metric_value(text, "ckptscope_job_duration_seconds_count") == 1
+    assert metric_value(text, "ckptscope_http_requests_total", method="POST", status="4xx") == 1
     assert "# TYPE ckptscope_http_requests_total counter" in text
 
 

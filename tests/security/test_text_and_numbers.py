@@ -76,8 +76,8 @@ def _assert_inert(out: subprocess.CompletedProcess[str]) -> None:
     assert not any("\udc80" <= ch <= "\udcff" for ch in out.stdout + out.stderr), "not UTF-8 output"
 
 
-def _refused(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert_one_line_refusal(out, *fragments)
+def _refused(out: subprocess.CompletedProcess[str], *fragments: str, status: int = 3) -> None:
+    assert_one_line_refusal(out, *fragments, status=status)
     _assert_inert(out)
 
 
@@ -124,7 +124,7 @@ def test_lone_surrogates_in_tensor_names_are_refused_everywhere(client, data_dir
         assert problem["code"] == "bad_name" and "surrogate" in problem["detail"], problem
         assert r.headers["content-type"] == "application/problem+json"
         assert _leftovers(data_dir) == ([], []), path.name
-        assert client.get("/api/v1/checkpoints").json() == []
+        assert client.get("/api/v1/checkpoints").json()["total"] == 0
         _refused(_cli("inspect", str(path)), str(path), "lone UTF-16 surrogate")
         _refused(_cli("inspect", str(path), "--json"), "lone UTF-16 surrogate")
 
@@ -233,7 +233,7 @@ def test_copy_diff_freeze_export_reports_are_escaped(tmp_path):
     for out in outputs:
         _assert_inert(out)
     diff, dry, strict, freeze, snippet, export = outputs
-    assert diff.returncode == 0 and "\\x1b]0;owned title\\x07" in diff.stdout and "other\\x1b[5m" in diff.stdout
+    assert diff.returncode == 1 and "\\x1b]0;owned title\\x07" in diff.stdout and "other\\x1b[5m" in diff.stdout
     assert dry.returncode == 0 and "unexpected: " in dry.stdout and "\\u202eexe" in dry.stdout
     assert strict.returncode == 1 and "strict copy refused" in strict.stderr
     assert freeze.returncode == 0 and "matches no tensor" in freeze.stderr and "\\x1b[2J" in freeze.stderr
@@ -253,7 +253,7 @@ def test_error_lines_are_escaped(tmp_path):
     evil.write_bytes(b"\x80\x02c\x1b]0;x\x07os\nsystem\n)R.")
     _refused(_cli("inspect", str(evil)))
     good = f.save_safetensors({"a": torch.ones(1)}, tmp_path / "g.safetensors")
-    _refused(_cli("inspect", str(good), "--root", "\x1b[2J"), "no root")
+    _refused(_cli("inspect", str(good), "--root", "\x1b[2J"), "no root", status=2)  # a usage error
 
 
 # --- safetensors headers at the edges ----------------------------------------------------------
@@ -315,7 +315,7 @@ def test_metadata_the_library_refuses_is_refused(client, data_dir, tmp_path, met
         assert r.status_code == 422, (header, r.text)
         problem = r.json()
         assert problem["code"] == "corrupt_safetensors" and "__metadata__" in problem["detail"], problem
-        assert _leftovers(data_dir) == ([], []) and client.get("/api/v1/checkpoints").json() == []
+        assert _leftovers(data_dir) == ([], []) and client.get("/api/v1/checkpoints").json()["total"] == 0
         _refused(_cli("inspect", str(path), "--no-stats"), "__metadata__")
 
 

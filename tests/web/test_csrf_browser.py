@@ -31,7 +31,7 @@ def server(tmp_path_factory):
 
 
 def ids(server: Server) -> list[str]:
-    return sorted(c["id"] for c in server.get("/api/v1/checkpoints"))
+    return sorted(c["id"] for c in server.get("/api/v1/checkpoints?limit=1000")["items"])
 
 
 def files(data_dir: Path) -> list[str]:

@@ -1,0 +1,46 @@
+"""Upload retries: an upload sent with an ``Idempotency-Key`` registers one checkpoint however often
+it is retried. The key is recorded with the checkpoint its first request made, beside a fingerprint
+of that request (the uploaded files' names and sha256, and the name given); a retry with the same
+fingerprint returns that checkpoint without parsing the files again, the same key with another
+fingerprint is refused (``idempotency-key-reused``, 422). The catalogue's primary key on the key
+settles requests racing in several server processes (``CatalogueQueries.register``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ckptscope.store.catalogue import Checkpoint
+from ckptscope.store.queries import KeyTaken
+
+from .checkpoints import Upload, display_name, ingest, release_blobs
+
+if TYPE_CHECKING:
+    from ckptscope.core import Core
+
+
+def upload_fingerprint(uploads: Sequence[Upload], name: str | None) -> str:
+    """What makes two upload requests the same: their files (name and content hash, in any order)
+    and the name they give the checkpoint."""
+    files = sorted((display_name(u.name), u.blob.sha256) for u in uploads)
+    return hashlib.sha256(json.dumps([files, name or ""]).encode()).hexdigest()
+
+
+def ingest_once(core: Core, uploads: Sequence[Upload], key: str, name: str | None = None) -> tuple[Checkpoint, bool]:
+    """``ingest`` under an idempotency key: (the checkpoint, whether an earlier request with this
+    key made it)."""
+    fingerprint = upload_fingerprint(uploads, name)
+    try:
+        earlier = core.queries.checkpoint_for_key(key, fingerprint)
+    except BaseException:
+        release_blobs(core, [u.blob for u in uploads])
+        raise
+    if earlier is not None:
+        release_blobs(core, [u.blob for u in uploads])
+        return earlier, True
+    try:
+        return ingest(core, uploads, name=name, idempotency=(key, fingerprint)), False
+    except KeyTaken as taken:  # a request with this key, in flight meanwhile, registered first
+        return core.queries.get_checkpoint(taken.checkpoint_id)[0], True

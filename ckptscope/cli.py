@@ -227,6 +227,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source_sha = _sha256(args.path, ckpt)
     metadata = export_metadata(_file_name(args.path), source_sha, selection, plan, ckpt.metadata, fmt, decoded)
     write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
+    if args.json:
+        written = {"output": args.output, "format": fmt, "tensors": len(outputs)}
+        write_json(written | {"bytes": Path(args.output).stat().st_size, "dequantized": decoded})
+        return 0
     _say(f"wrote {len(outputs)} tensors to {args.output} ({fmt})")
     if decoded:
         _say(dequantized_text(decoded))
@@ -449,7 +453,11 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     info = _listed_tensor(args)
     image = render_preview(info, args.reduce, parse_index(args.index))
     write_atomically(args.output, lambda p: p.write_bytes(image.png))
-    _say(f"wrote {args.output} ({image.width} x {image.height}): {describe(image.preview.plan, image.preview.reduce)}")
+    described = describe(image.preview.plan, image.preview.reduce)
+    if args.json:
+        write_json({"output": args.output, "width": image.width, "height": image.height, "preview": described})
+        return 0
+    _say(f"wrote {args.output} ({image.width} x {image.height}): {described}")
     return 0
 
 
@@ -535,7 +543,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_migrate(_args: argparse.Namespace) -> int:
+def _cmd_migrate(args: argparse.Namespace) -> int:
     from ckptscope.config import get_settings
     from ckptscope.store.catalogue import make_engine
     from ckptscope.store.migrate import upgrade
@@ -543,7 +551,11 @@ def _cmd_migrate(_args: argparse.Namespace) -> int:
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)
     try:
-        _say(f"catalogue schema at revision {upgrade(engine)} ({engine.url.render_as_string(hide_password=True)})")
+        revision, where = upgrade(engine), engine.url.render_as_string(hide_password=True)
+        if args.json:
+            write_json({"revision": revision, "catalogue": where})
+        else:
+            _say(f"catalogue schema at revision {revision} ({where})")
     finally:
         engine.dispose()
     return 0
@@ -630,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="store floating-point tensors in this dtype; quantized GGUF tensors are dequantized to it "
         "(default: float32 for those, the rest unchanged)",
     )
+    _json(e, "what was written: path, format, tensor count, bytes, dequantized tensors")
     e.set_defaults(func=_cmd_export)
     c = command("copy", "copy modules of SOURCE into TARGET (like load_state_dict), write a new file")
     _path(c, "source", "the checkpoint the values come from")
@@ -678,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pv.add_argument("--index", default=None, help="leading indices of the slice to draw, e.g. 0,3")
     pv.add_argument("--root", default=None, help="key path of the tensor dict (nested checkpoints)")
+    _json(pv, "what was written: path, size, and how the tensor was drawn")
     pv.set_defaults(func=_cmd_preview)
     sp = command("spectrum", "singular values, stable rank and effective rank of a 2-D (or conv) tensor")
     _path(sp, "path", "a checkpoint file or folder")
@@ -691,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="default: CKPTSCOPE_PORT")
     s.set_defaults(func=_cmd_serve)
     m = command("migrate", "create or upgrade the catalogue's schema (serve does this too)")
+    _json(m, "the revision and the catalogue")
     m.set_defaults(func=_cmd_migrate)
     co = command("completion", 'print a shell completion script: eval "$(ckptscope completion bash)"')
     co.add_argument("shell", choices=["bash", "zsh", "tcsh"])

@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -105,7 +106,25 @@ def test_every_command_that_prints_a_report_has_json():
         for name, command in sub.choices.items()  # type: ignore[union-attr]
         if not any("--json" in a.option_strings for a in command._actions)
     }
-    assert without == {"export", "preview", "serve", "migrate", "completion"}
+    assert without == {"serve", "completion"}
+
+
+def test_commands_that_write_files_say_what_they_wrote_in_json(files, tmp_path):
+    a = str(files["a"])
+    export, preview = run_all(
+        ["export", a, "--include", "enc", "-o", str(tmp_path / "enc.safetensors"), "--json"],
+        ["preview", a, "enc.weight", "-o", str(tmp_path / "w.png"), "--json"],
+    )
+    migrate = run("migrate", "--json", env={**os.environ, "CKPTSCOPE_DATA_DIR": str(tmp_path / "data")})
+    for out in (export, preview, migrate):
+        assert out.returncode == 0 and out.stderr == "", (out.stdout, out.stderr)
+    wrote = json.loads(export.stdout)
+    assert wrote["tensors"] == 2 and wrote["format"] == "safetensors" and wrote["dequantized"] is None
+    assert wrote["bytes"] == (tmp_path / "enc.safetensors").stat().st_size
+    drawn = json.loads(preview.stdout)
+    png = (tmp_path / "w.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and (drawn["width"], drawn["height"]) == struct.unpack(">II", png[16:24])  # IHDR
+    assert json.loads(migrate.stdout)["revision"]
 
 
 def _imports_torch(stderr: str) -> bool:

@@ -62,6 +62,7 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
         with engine.connect() as conn:
             yield conn
         return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)  # a first `ckptscope migrate` on a new data dir
     with file_lock(lock_path), engine.connect() as conn:
         yield conn
 

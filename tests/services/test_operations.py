@@ -133,7 +133,7 @@ def test_copy_errors_are_clear(client, tmp_path):
     r = client.post("/api/v1/copy", json={"source": ida, "target": "nope", "mapping": {"head": "head"}})
     assert r.status_code == 404
     r = client.post("/api/v1/copy", json={"source": ida, "target": ida, "mapping": {}})
-    assert r.status_code == 422 and "mapping is empty" in r.json()["detail"]
+    assert r.status_code == 422 and "body.mapping" in r.json()["detail"] and "at least 1 item" in r.json()["detail"]
     r = client.post(
         "/api/v1/copy", json={"source": ida, "target": ida, "mapping": {"nn_same.0": "x", "nn_same.3": "x"}}
     )

@@ -56,11 +56,15 @@ def checkpoint_label(raw: str) -> str:
     return str(storable_text(text))
 
 
+def named_blobs(uploads: Sequence[Upload]) -> list[tuple[str, str]]:
+    """The uploaded files as (display name, sha256), in a fixed order whatever order they came in."""
+    return sorted((display_name(u.name), u.blob.sha256) for u in uploads)
+
+
 def _content_key(uploads: Sequence[Upload]) -> str:
     if len(uploads) == 1:
         return uploads[0].blob.sha256
-    parts = sorted((display_name(u.name), u.blob.sha256) for u in uploads)
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(named_blobs(uploads)).encode()).hexdigest()
 
 
 def discard_unreferenced(core: Core, shas: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ckptscope.store.catalogue import Checkpoint
 from ckptscope.store.queries import KeyTaken
 
-from .checkpoints import Upload, display_name, ingest, release_blobs
+from .checkpoints import Upload, ingest, named_blobs, release_blobs
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 def upload_fingerprint(uploads: Sequence[Upload], name: str | None) -> str:
     """What makes two upload requests the same: their files (name and content hash, in any order)
     and the name they give the checkpoint."""
-    files = sorted((display_name(u.name), u.blob.sha256) for u in uploads)
-    return hashlib.sha256(json.dumps([files, name or ""]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([named_blobs(uploads), name or ""]).encode()).hexdigest()
 
 
 def ingest_once(core: Core, uploads: Sequence[Upload], key: str, name: str | None = None) -> tuple[Checkpoint, bool]:

@@ -59,10 +59,12 @@ RUN . /etc/pip-env.sh \
     && if [ "$index" = none ]; then set -- ; else set -- --extra-index-url "$index"; fi \
     && pip install --quiet --no-compile "$@" "$spec" \
     && { python -m compileall -q -j0 /opt/venv/lib >/dev/null || true; }
-# 2. the other dependencies, read from pyproject.toml (torch held where step 1 put it)
+# 2. the other dependencies, read from pyproject.toml (torch held where step 1 put it), with the
+# optional ones of EXTRAS (e.g. --build-arg EXTRAS=dask for CKPTSCOPE_DASK_SCHEDULER)
+ARG EXTRAS=""
 COPY pyproject.toml /src/pyproject.toml
 RUN . /etc/pip-env.sh \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && EXTRAS="$EXTRAS" python -c "import os, tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; extras = [e for e in os.environ['EXTRAS'].split(',') if e]; print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" > /tmp/requirements.txt \
     && pip freeze | grep -i '^torch==' > /tmp/torch.txt \
     && pip install --quiet --no-compile -r /tmp/requirements.txt -c /tmp/torch.txt "setuptools>=68" \
     && { python -m compileall -q -j0 /opt/venv/lib >/dev/null || true; }

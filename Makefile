@@ -20,8 +20,10 @@ bench:
 	bash scripts/setup.sh --test
 	.venv/bin/python -m pip install --quiet weightlens==0.3.0
 	.venv/bin/python -m bench.run --runs 3
+	.venv/bin/python -m bench.sources --runs 3
 
 bench-quick:
 	bash scripts/setup.sh --test
 	.venv/bin/python -m pip install --quiet weightlens==0.3.0
 	.venv/bin/python -m bench.run --runs 1 --quick
+	.venv/bin/python -m bench.sources --runs 1 --quick

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -10,6 +12,7 @@ import os
 import signal
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,21 +52,60 @@ def _rich(value: object) -> str:
     return escape(reveal(str(value)))
 
 
+_READERS: dict[int, Any] = {}  # id(listing) -> the RangeReader of a listing opened from an object store
+
+
 def _open(path: str) -> Checkpoint:
     """List one input file exactly as the server does: parsed in a fresh sandboxed child process
     (the CKPTSCOPE_PARSE_* limits: memory, CPU time, wall clock), so a hostile file can hang,
     crash or exhaust only that child, never this process or the next file; then the text rule of
-    the catalogue (``make_storable``). Statistics are computed here, on the validated listing."""
+    the catalogue (``make_storable``). Statistics are computed here, on the validated listing.
+    ``s3://bucket/key`` is listed where it lives, by its header ranges (AWS environment
+    credentials); ``file:///path`` is the local path."""
     from ckptscope.config import Settings
     from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 
     try:
+        if path.startswith("s3://"):
+            from ckptscope.services.references import open_remote
+
+            listing, reader = open_remote(path, Settings().parse_limits)
+            _READERS[id(listing)] = reader
+            return listing
+        local = _local_path(path)
         # absolute: the child runs in another directory; shards=None: shards beside a local index
-        listing = open_checkpoint_sandboxed(os.path.abspath(path), limits=Settings().parse_limits, shards=None)
+        listing = open_checkpoint_sandboxed(os.path.abspath(local), limits=Settings().parse_limits, shards=None)
         make_storable(listing)
     except CkptscopeError as exc:
         raise UnreadableInput(path, exc) from None
     return listing
+
+
+def _local_path(path: str) -> str:
+    if not path.startswith("file:"):
+        return path
+    from ckptscope.store.sources import parse_source_url
+
+    return parse_source_url(path).key
+
+
+def _reader(listing: Checkpoint) -> Any:
+    """The RangeReader of a listing opened from an object store; None for local files."""
+    return _READERS.get(id(listing))
+
+
+@contextlib.contextmanager
+def _readable(listing: Checkpoint, tensors: list[Any]) -> Iterator[list[Any]]:
+    """``tensors`` of ``listing`` readable as local files inside the block: a bucket's storages
+    copied once to a temp file (deleted afterwards); local files as they are."""
+    reader = _reader(listing)
+    if reader is None:
+        yield tensors
+        return
+    from ckptscope.stats.localized import localized
+
+    with localized(tensors, reader) as local:
+        yield local
 
 
 def _fmt(value: Any) -> str:
@@ -132,6 +174,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             progress=progress,
             device=args.device,
             thresholds=_thresholds(),
+            reader=_reader(listing),
+            dask=_dask_scheduler(args.dask),
         )
     data = result.to_json()
     if args.json:
@@ -139,6 +183,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         _print_inspection(data)
     return OK
+
+
+def _scheduler_argument(value: str) -> str:
+    """``--dask``: validated as CKPTSCOPE_DASK_SCHEDULER is (argparse's one line and exit 2)."""
+    from ckptscope.config import valid_scheduler
+
+    try:
+        return valid_scheduler(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dask_scheduler(given: str | None) -> str | None:
+    """``--dask``, else CKPTSCOPE_DASK_SCHEDULER; None for this process's threads."""
+    from ckptscope.config import Settings
+
+    return given or Settings().dask_scheduler or None
 
 
 def _thresholds() -> Thresholds:
@@ -155,7 +216,12 @@ def _cmd_findings(args: argparse.Namespace) -> int:
     root = listing.resolve_root(args.root)
     with stats_progress() as progress:
         inspection = inspect_listing(
-            listing, root=root, device=args.device, thresholds=_thresholds(), progress=progress
+            listing,
+            root=root,
+            device=args.device,
+            thresholds=_thresholds(),
+            progress=progress,
+            reader=_reader(listing),
         )
     insights = inspection.insights()
     status = FAILED if insights.findings else OK  # like a linter: 1 when there is something to look at
@@ -181,6 +247,9 @@ def _sha256(path: str, listing: Checkpoint | None = None) -> str:
     multi-file upload's content key), over the files the listing was read from."""
     import hashlib
 
+    if listing is not None and _reader(listing) is not None:  # an object store's: its listed identities
+        objects = sorted([url, ref_identity[1].to_json()] for url, ref_identity in _reader(listing).objects.items())
+        return hashlib.sha256(json.dumps([path, objects]).encode()).hexdigest()
     if listing is not None and os.path.isdir(path):
         parts = sorted((Path(f).name, _sha256(f)) for f in listing.files)
         return parts[0][1] if len(parts) == 1 else hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -225,8 +294,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         selection["dtype"] = args.dtype
     decoded = dequantized(outputs)
     source_sha = _sha256(args.path, ckpt)
-    metadata = export_metadata(_file_name(args.path), source_sha, selection, plan, ckpt.metadata, fmt, decoded)
-    write_atomically(args.output, lambda p: write_checkpoint(p, outputs, fmt, metadata))
+    meta_ = export_metadata(_file_name(args.path), source_sha, selection, plan, ckpt.metadata, fmt, decoded)
+    with _readable(ckpt, [o.source for o in outputs]) as sources:
+        readable = [dataclasses.replace(o, source=s) for o, s in zip(outputs, sources, strict=True)]
+        write_atomically(args.output, lambda p: write_checkpoint(p, readable, fmt, meta_))
     if args.json:
         written = {"output": args.output, "format": fmt, "tensors": len(outputs)}
         write_json(written | {"bytes": Path(args.output).stat().st_size, "dequantized": decoded})
@@ -262,12 +333,20 @@ def _cmd_copy(args: argparse.Namespace) -> int:
         }
         meta = copy_metadata(dst.metadata, fmt, provenance)
 
-        def write_and_verify(path: Path) -> None:  # read back before it replaces the output
-            write_checkpoint(path, report.outputs, fmt, meta)
-            verify_written(_open(str(path)), report, source_tensors, meta)
-
+        needed = [o.source for o in report.outputs]
         try:
-            write_atomically(args.output, write_and_verify)
+            with _readable(src, source_tensors) as local_src, _readable(dst, needed) as local_needed:
+                by_view = {t.view_key: local for t, local in zip(source_tensors, local_src, strict=True)}
+                readable = [
+                    dataclasses.replace(o, source=by_view.get(o.source.view_key, n))
+                    for o, n in zip(report.outputs, local_needed, strict=True)
+                ]
+
+                def write_and_verify(path: Path) -> None:  # read back before it replaces the output
+                    write_checkpoint(path, readable, fmt, meta)
+                    verify_written(_open(str(path)), report, local_src, meta)
+
+                write_atomically(args.output, write_and_verify)
             written = True
         except CopyNotVerified as exc:
             unverified = exc
@@ -347,7 +426,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     a = _open(args.a)
     b = _open(args.b)
-    result = diff_tensors(a.root_tensors(args.a_root), b.root_tensors(args.b_root))
+    with _readable(a, a.root_tensors(args.a_root)) as ta, _readable(b, b.root_tensors(args.b_root)) as tb:
+        result = diff_tensors(ta, tb)
     status = FAILED if _differ(result) else OK  # like diff(1): 1 when A and B differ
     if args.json:
         write_json(result)
@@ -393,7 +473,7 @@ def _check_tensors(path: str, root: str | None, device: str | None) -> tuple[Any
     listing = _open(path)
     root = listing.resolve_root(root)
     with stats_progress() as progress:
-        result = inspect_listing(listing, root=root, device=device, progress=progress)
+        result = inspect_listing(listing, root=root, device=device, progress=progress, reader=_reader(listing))
     stats = result.stats or {}
     return listing, root, [(t, stats.get(t.name)) for t in result.tensors]
 
@@ -436,22 +516,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _listed_tensor(args: argparse.Namespace) -> Any:
-    """The TENSOR argument's TensorInfo in PATH (under --root)."""
+    """PATH's listing and the TENSOR argument's TensorInfo in it (under --root)."""
     from ckptscope.errors import NotFound
 
     listing = _open(args.path)
     root = listing.resolve_root(args.root)
     for info in listing.root_tensors(root):
         if info.name == args.tensor:
-            return info
+            return listing, info
     raise NotFound(f"no tensor named {args.tensor!r} under root {root!r}")
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
     from ckptscope.services.previews import describe, parse_index, render_preview
 
-    info = _listed_tensor(args)
-    image = render_preview(info, args.reduce, parse_index(args.index))
+    listing, info = _listed_tensor(args)
+    with _readable(listing, [info]) as (local,):
+        image = render_preview(local, args.reduce, parse_index(args.index))
     write_atomically(args.output, lambda p: p.write_bytes(image.png))
     described = describe(image.preview.plan, image.preview.reduce)
     if args.json:
@@ -465,8 +546,10 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     from ckptscope.config import Settings
     from ckptscope.services.previews import spectrum_for, stats_device
 
-    info = _listed_tensor(args)
-    spectrum = spectrum_for(info, stats_device(args.device if args.device is not None else Settings().stats_device))
+    listing, info = _listed_tensor(args)
+    device = stats_device(args.device if args.device is not None else Settings().stats_device)
+    with _readable(listing, [info]) as (local,):
+        spectrum = spectrum_for(local, device)
     data = spectrum.to_json()
     if args.json:
         write_json({"name": info.name, **data})
@@ -618,6 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stats", action="store_true", help="list only; never read tensor data")
     p.add_argument(
         "--device", default=None, help="compute stats on this torch device (cuda, auto) instead of the CPU kernel"
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        type=_scheduler_argument,
+        metavar="SCHEDULER",
+        help="compute stats on a Dask distributed cluster: tcp://host:port, or local:N worker processes "
+        "(default: CKPTSCOPE_DASK_SCHEDULER; needs the dask extra)",
     )
     p.set_defaults(func=_cmd_inspect)
     fi = command("findings", "diagnose a checkpoint: NaN/Inf, spikes, variance and norm outliers (exit 1 if any)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +43,30 @@ def parse_allowed_hosts(value: str) -> frozenset[str] | None:
     return frozenset(names)
 
 
+_SCHEDULER = re.compile(r"^((tcp|tls|inproc|ucx)://\S+|local:[1-9]\d{0,2})$")
+
+
+def valid_scheduler(value: str) -> str:
+    """A Dask scheduler address (tcp://host:port, tls://..., or local:N), or ValueError."""
+    if not _SCHEDULER.match(value):
+        raise ValueError("must be tcp://host:port (or tls://...), or local:N for N local worker processes")
+    return value
+
+
+def parse_list_setting(value: str) -> list[str]:
+    """A setting that takes a list: a JSON list of strings, or comma-separated (blanks dropped)."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ValueError("is not a valid JSON list") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("must be a JSON list of strings")
+        return [i.strip() for i in items if i.strip()]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CKPTSCOPE_")
 
@@ -65,6 +90,12 @@ class Settings(BaseSettings):
     # uploads removed); below Docker's default 10 s stop grace, so `docker stop` is never a SIGKILL
     shutdown_grace_s: int = Field(5, ge=1)
     findings_thresholds: Path | None = None  # JSON object overriding the findings' thresholds (README "Findings")
+    # checkpoints registered by reference (issue 17): local folders and S3 buckets they may live in,
+    # each a comma-separated list or a JSON list; empty: no references of that kind
+    source_roots: str = ""
+    source_buckets: str = ""
+    source_recheck_s: float = Field(0.0, ge=0)  # a referenced object's identity is re-read at most this often
+    dask_scheduler: str = ""  # "" (local threads), "tcp://host:port", or "local:N" (an in-process LocalCluster)
 
     @field_validator("data_dir")
     @classmethod
@@ -72,6 +103,26 @@ class Settings(BaseSettings):
         # absolute, so that every blob path means the same file to the sandboxed parser, which runs
         # in another working directory (the installed package's), and to the server
         return value.expanduser().absolute()
+
+    @field_validator("source_roots", "source_buckets")
+    @classmethod
+    def _source_list(cls, value: str) -> str:
+        parse_list_setting(value)
+        return value
+
+    @field_validator("dask_scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        return valid_scheduler(value) if value else value
+
+    @property
+    def source_root_list(self) -> list[Path]:
+        """CKPTSCOPE_SOURCE_ROOTS as absolute paths (symlinks in them resolved)."""
+        return [Path(r).expanduser().resolve() for r in parse_list_setting(self.source_roots)]
+
+    @property
+    def source_bucket_list(self) -> list[str]:
+        return parse_list_setting(self.source_buckets)
 
     @field_validator("stats_device")
     @classmethod

@@ -13,6 +13,8 @@ from ckptscope.stats.tree import TreeCache
 from ckptscope.store.blobs import BlobStore
 from ckptscope.store.catalogue import Catalogue
 from ckptscope.store.queries import CatalogueQueries
+from ckptscope.store.source_reader import SourceRangeReader, content_objects, verify_unchanged
+from ckptscope.store.sources import SourceClient, SourcePolicy
 
 
 class Core:
@@ -27,6 +29,11 @@ class Core:
         self.trees = TreeCache()
         self.parse_limits = settings.parse_limits
         self.parse_slots = threading.BoundedSemaphore(settings.parallel_parses)  # a queue, not N at 100% CPU
+        # checkpoints opened where they live: which roots and buckets may be read, the one client
+        # that reads them (AWS environment), and when each referenced checkpoint was last checked
+        self.source_policy = SourcePolicy(settings.source_root_list, settings.source_bucket_list)
+        self.sources = SourceClient()
+        self.source_checks: dict[str, float] = {}
         self.jobs = JobRunner(
             self.catalogue,
             self.queries,
@@ -34,11 +41,23 @@ class Core:
             workers=settings.stats_workers,
             stale_s=settings.job_stale_s,
             device=settings.stats_device,
+            reader_for=self.range_reader,
+            verify=lambda key: verify_unchanged(self.sources, self.queries, key),
+            dask_scheduler=settings.dask_scheduler,
+            scratch_dir=str(self.blobs.tmp_dir),
         )
+
+    def range_reader(self, *content_keys: str) -> SourceRangeReader:
+        """Where the contents' tensor bytes are read from (``store.source_reader``)."""
+        return SourceRangeReader(self.sources, [o for key in content_keys for o in content_objects(self.queries, key)])
 
     def start(self) -> None:
         self.jobs.start()
 
     def close(self) -> None:
         self.jobs.shutdown()
+        if self.settings.dask_scheduler.startswith("local:"):
+            from ckptscope.jobs.dask_stats import close_local_clusters
+
+            close_local_clusters()
         self.catalogue.dispose()

@@ -65,3 +65,44 @@ class TooLarge(CkptscopeError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"upload exceeds the limit of {limit} bytes (CKPTSCOPE_MAX_UPLOAD_BYTES)")
         self.limit = limit
+
+
+class Forbidden(CkptscopeError):
+    """A request the server's configuration does not allow (e.g. a source outside the configured
+    roots or buckets)."""
+
+    status = 403
+    default_code = "forbidden"
+
+
+class SourceError(CkptscopeError):
+    """A referenced checkpoint's store (a local root or an S3-compatible bucket) could not serve it."""
+
+    status = 422
+    default_code = "source_error"
+
+
+class SourceNotFound(SourceError):
+    status = 404
+    default_code = "source_not_found"
+
+
+class SourceDenied(SourceError):
+    """The store refused the request: bad or missing credentials, or no permission."""
+
+    status = 403
+    default_code = "source_denied"
+
+
+class SourceUnreachable(SourceError):
+    """The store did not answer (connection refused, DNS, timeout)."""
+
+    status = 502
+    default_code = "source_unreachable"
+
+
+class SourceChanged(SourceError):
+    """The object changed (another ETag, version, size or mtime) since it was listed."""
+
+    status = 409
+    default_code = "source_changed"

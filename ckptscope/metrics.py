@@ -129,6 +129,9 @@ class Metrics:
         self.errors = Counter("ckptscope_http_errors_total", "HTTP responses with a 5xx status", registry=own)
         self.uploads = Counter("ckptscope_uploads_total", "checkpoints accepted", registry=own)
         self.upload_bytes = Counter("ckptscope_upload_bytes_total", "bytes of accepted checkpoints", registry=own)
+        self.references = Counter(
+            "ckptscope_references_total", "checkpoints registered where they live (file:// or s3://)", registry=own
+        )
         self.uploads_rejected = Counter(
             "ckptscope_uploads_rejected_total", "uploads refused, by reason", ["reason"], registry=own
         )
@@ -163,6 +166,7 @@ class Metrics:
             "ckptscope_http_errors_total": self.errors,
             "ckptscope_uploads_total": self.uploads,
             "ckptscope_upload_bytes_total": self.upload_bytes,
+            "ckptscope_references_total": self.references,
             "ckptscope_uploads_rejected_total": self.uploads_rejected,
             "ckptscope_parse_failures_total": self.parse_failures,
             "ckptscope_jobs_total": self.jobs,

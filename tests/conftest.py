@@ -19,6 +19,7 @@ from tests.helpers import (  # noqa: E402
     made_databases,
     make_client,
 )
+from tests.s3_server import s3, s3_auth_server, s3_server  # noqa: E402, F401  (fixtures: a real S3 server)
 
 ARTIFACTS = Path(os.environ.get("CKPTSCOPE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 

@@ -13,6 +13,7 @@ from ckptscope.formats.model import module_types_under
 from ckptscope.http import caching
 from ckptscope.http.deps import MAX_DEPTH, MAX_OFFSET, CoreDep, RootQuery
 from ckptscope.http.idempotency import IdempotencyKeyHeader
+from ckptscope.http.json_body import is_json_request, read_model
 from ckptscope.http.problems import problem
 from ckptscope.http.uploads import receive_uploads
 from ckptscope.insights.identity import DIGEST_PATTERN
@@ -22,6 +23,7 @@ from ckptscope.services import checkpoints as svc
 from ckptscope.services import idempotency as idempotency_svc
 from ckptscope.services import identity as identity_svc
 from ckptscope.services import insights as insights_svc
+from ckptscope.services import references
 from ckptscope.services.inspect import parameter_of, tensor_record
 from ckptscope.stats.model import TensorStats
 from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState, StatsState
@@ -50,6 +52,7 @@ def checkpoints_out(core: Core, pairs: list[tuple[Checkpoint, Content]]) -> list
             "origin": row.origin,
             "stats_state": content.stats_state,
             "job_id": jobs.get(content.key),
+            "source": references.source_of(row),
         }
         for row, content in pairs
     ]
@@ -95,8 +98,12 @@ def job_out(job: Job) -> dict[str, Any]:
             "description": "registered; `Location` names the new checkpoint",
             "headers": {"Location": {"description": "/api/v1/checkpoints/{id}", "schema": {"type": "string"}}},
         },
+        403: {**PROBLEM, "description": "a source outside CKPTSCOPE_SOURCE_ROOTS / _BUCKETS, or refused by its store"},
+        404: {**PROBLEM, "description": "the source does not exist"},
+        409: {**PROBLEM, "description": "the source changed while it was listed"},
         413: {**PROBLEM, "description": "upload larger than CKPTSCOPE_MAX_UPLOAD_BYTES"},
         422: {**PROBLEM, "description": "not a readable checkpoint (the detail says why)"},
+        502: {**PROBLEM, "description": "the source's store did not answer"},
     },
     openapi_extra={
         "requestBody": {
@@ -123,6 +130,7 @@ def job_out(job: Job) -> dict[str, Any]:
                     }
                 },
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": schemas.ReferenceIn.model_json_schema()},
             },
             "required": True,
         }
@@ -136,19 +144,30 @@ async def upload_checkpoint(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> dict[str, Any]:
     """Upload a checkpoint: multipart field `file` (repeat it for a sharded set with its index) or
-    the raw file as the body with `?filename=`. Stats are computed in the background. `201` with
-    `Location`; with an `Idempotency-Key`, a retry of the same upload answers `200` with the
-    checkpoint the first request made."""
-    uploads, fields = await receive_uploads(core, request, filename)
-    name = fields.get("name") or None
-    if idempotency_key is None:
-        row = await run_in_threadpool(svc.ingest, core, uploads, name=name)  # parses in a sandbox
+    the raw file as the body with `?filename=`; or register one where it lives without copying it:
+    a JSON body `{"source": "s3://bucket/key"}` or `{"source": "file:///path"}` (only headers are
+    read to list it). Stats are computed in the background. `201` with `Location`; with an
+    `Idempotency-Key`, a retry of the same upload answers `200` with the checkpoint the first
+    request made."""
+    if is_json_request(request):  # by reference: {"source": "s3://..."} or {"source": "file:///..."}
+        wanted = await read_model(request, schemas.ReferenceIn, core.settings.max_body_bytes)
+        if idempotency_key is None:
+            made = await run_in_threadpool(references.register_reference, core, wanted.source, wanted.name)
+        else:
+            made, replayed = await run_in_threadpool(
+                idempotency_svc.register_once, core, wanted.source, idempotency_key, wanted.name
+            )
     else:
-        row, replayed = await run_in_threadpool(idempotency_svc.ingest_once, core, uploads, idempotency_key, name)
-        if replayed:
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-    row, content = svc.get_checkpoint(core, row.id)
+        uploads, fields = await receive_uploads(core, request, filename)
+        name = fields.get("name") or None
+        if idempotency_key is None:
+            made = await run_in_threadpool(svc.ingest, core, uploads, name=name)  # parses in a sandbox
+        else:
+            made, replayed = await run_in_threadpool(idempotency_svc.ingest_once, core, uploads, idempotency_key, name)
+    if idempotency_key is not None and replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    row, content = svc.get_checkpoint(core, made.id)
     response.headers.update(checkpoint_location(row.id))
     return checkpoint_out(core, row, content)
 

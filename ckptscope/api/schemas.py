@@ -217,6 +217,38 @@ class RootOut(BaseModel):
     tensor_count: int
 
 
+class SourceOut(BaseModel):
+    """Where a checkpoint registered by reference lives, and what ckptscope last saw of it."""
+
+    url: str = Field(description="the source as registered: s3://bucket/key or file:///path")
+    changed_at: str | None = Field(
+        description="when ckptscope last saw the source change (it was listed again and its stats "
+        "recomputed); null if never"
+    )
+    missing_at: str | None = Field(
+        description="when the source was found gone or unreadable (the listing shown is the last one read); "
+        "null while it is there"
+    )
+    missing_reason: str | None = Field(description="why the source could not be read, while missing_at is set")
+
+
+class ReferenceIn(BaseModel):
+    """Register a checkpoint where it lives instead of uploading it."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="s3://bucket/key (a bucket in CKPTSCOPE_SOURCE_BUCKETS) or file:///path (under "
+        "CKPTSCOPE_SOURCE_ROOTS): a file, a sharded index, a folder or a torch.distributed.checkpoint directory",
+        examples=["s3://models/llama/model.safetensors.index.json"],
+    )
+    name: Label | None = Field(None, description="a label for the checkpoint (default: the source's last name)")
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"source": "file:///mnt/ckpts/run7/last.ckpt"}]}
+    )
+
+
 class CheckpointOut(BaseModel):
     id: str
     name: str
@@ -226,9 +258,10 @@ class CheckpointOut(BaseModel):
     total_bytes: int = Field(description="bytes of tensor data, tied tensors counted once")
     size_bytes: int = Field(description="bytes uploaded")
     created_at: Timestamp
-    origin: str
+    origin: str = Field(description="upload, copy, export, or reference (registered where it lives)")
     stats_state: str
     job_id: str | None
+    source: SourceOut | None = Field(None, description="for origin reference: the source and its state")
 
 
 class CheckpointPageOut(BaseModel):

@@ -15,6 +15,7 @@ from .folder import read_directory, read_folder
 from .gc_pause import paused_gc
 from .gguf_format import read_gguf
 from .model import DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo
+from .ranged_path import as_path
 from .safetensors_format import read_safetensors
 from .sharded import ShardResolver, read_sharded
 from .sniff import sniff
@@ -85,7 +86,7 @@ def open_checkpoint(
     format a sharded index expects; the format itself is always sniffed from content. A directory
     (or ``folder``, an uploaded folder's files by name) is read by ``folder.py``. Whatever goes
     wrong inside a reader ends here as a CheckpointError in our words."""
-    path = Path(path)
+    path = as_path(path)  # a RangedPath (an object in a store) stays one
     kind = "unknown"
     try:
         if folder is not None or path.is_dir():

@@ -35,6 +35,7 @@ from .model import (
 )
 from .pickle_graph import Built, Call, Global, Persistent, SetRecord, WorkBudget, unpickle_graph
 from .pickled_tree import PREFERRED_ROOTS, build_checkpoint
+from .ranged_path import as_path, is_ranged, will_read
 from .torch_pickle import PickledTensor
 from .torch_zip import PickleCache, open_torch_archive
 
@@ -436,6 +437,24 @@ class _Files:
         return path
 
 
+def _will_read_items(resolve: FileResolver, items: Iterable[_Item]) -> None:
+    """Tell each ranged file the ends of its items (an item's archive keeps its directory at its
+    end, its data.pkl and local headers at its start)."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for item in items:
+        edge = min(item.length, _ITEM_EDGE)
+        by_file.setdefault(item.file, []).extend(
+            [(item.offset, item.offset + edge), (item.offset + item.length - edge, item.offset + item.length)]
+        )
+    for name, ranges in list(by_file.items())[:MAX_FILES]:
+        path = resolve(name)
+        if path is not None:
+            will_read(path, ranges)
+
+
+_ITEM_EDGE = 4096
+
+
 def _check_items_disjoint(items: Iterable[_Item]) -> None:
     by_file: dict[str, list[_Item]] = {}
     for item in items:
@@ -544,7 +563,7 @@ def _roots(names: list[str], planner_data: Any) -> tuple[list[RootInfo], str]:
 
 def is_dcp_metadata(path: str | Path) -> bool:
     """Whether a file starts like a pickled DCP ``Metadata`` (the reader checks everything else)."""
-    with Path(path).open("rb") as fh:
+    with as_path(path).open("rb") as fh:
         head = fh.read(160)
     return (
         head[:1] == b"\x80"
@@ -556,7 +575,7 @@ def is_dcp_metadata(path: str | Path) -> bool:
 def read_dcp(metadata_path: str | Path, resolve_file: FileResolver | None = None) -> Checkpoint:
     """List a DCP checkpoint from its ``.metadata``; ``resolve_file`` finds each ``.distcp`` file
     by its relative name (by default: beside the metadata, see ``directory_resolver``)."""
-    metadata_path = Path(metadata_path)
+    metadata_path = as_path(metadata_path)
     resolve = resolve_file or directory_resolver(metadata_path.parent)
     if metadata_path.stat().st_size > MAX_METADATA_BYTES:
         raise CheckpointError("limit_exceeded", "the .metadata is larger than the 256 MiB limit")
@@ -583,6 +602,8 @@ def read_dcp(metadata_path: str | Path, resolve_file: FileResolver | None = None
     total_chunks = 0
     steps = [0]
     pickles: PickleCache = {}  # chunk archives mostly hold the same data.pkl: read each once
+    if is_ranged(metadata_path):  # in a store: both ends of every item fetched in one round
+        _will_read_items(resolve, items.values())
     for fqn, entry in entries:
         budget.spend()
         name = _text(fqn, "a state_dict_metadata key")
@@ -702,6 +723,8 @@ def _logical(name: str, dtype: str, size: tuple[int, ...], pieces: list[Piece], 
 
 def directory_resolver(directory: str | Path) -> FileResolver:
     """Find ``.distcp`` files inside ``directory`` only: plain names, no symlink out of it."""
+    if is_ranged(directory):
+        return _ranged_resolver(as_path(directory))
     base = Path(directory).resolve()
 
     def resolve(name: str) -> Path | None:
@@ -715,9 +738,23 @@ def directory_resolver(directory: str | Path) -> FileResolver:
     return resolve
 
 
+def _ranged_resolver(base: Path) -> FileResolver:
+    """``directory_resolver`` for a directory of an object store (plain names; no links)."""
+
+    def resolve(name: str) -> Path | None:
+        try:
+            validate_relative_path(name)
+        except CheckpointError:
+            return None
+        child = base / name
+        return child if child.is_file() else None
+
+    return resolve
+
+
 def read_dcp_directory(directory: str | Path) -> Checkpoint:
     """A DCP checkpoint directory: its ``.metadata`` and the ``.distcp`` files beside it."""
-    directory = Path(directory)
+    directory = as_path(directory)
     metadata = directory / ".metadata"
     if not metadata.is_file():
         raise CheckpointError("not_checkpoint", "the directory has no .metadata (not a torch.distributed.checkpoint)")

@@ -30,6 +30,7 @@ from .dcp import read_dcp
 from .model import Checkpoint, OptimizerLayout, RootInfo, TensorInfo
 from .optimizer_names import name_optimizer_state
 from .pickled_tree import plain_value
+from .ranged_path import ranged_folder
 from .sharded import ShardResolver
 
 MAX_ENTRIES = 10_000  # entries of one folder looked at
@@ -269,7 +270,10 @@ def list_folder(directory: Path) -> tuple[dict[str, Path], list[str], list[str]]
 
 
 def read_directory(directory: str | Path, open_file: Opener) -> Checkpoint:
-    files, subdirs, links = list_folder(Path(directory))
+    listed = ranged_folder(directory)  # a directory (prefix) of an object store: its files only
+    if listed is not None and len(listed) > MAX_ENTRIES:
+        raise CheckpointError("limit_exceeded", f"the folder has more than {MAX_ENTRIES} entries")
+    files, subdirs, links = (listed, [], []) if listed is not None else list_folder(Path(directory))
     ckpt = read_folder(files, open_file, subdirs=subdirs, links=links)
     if links:
         ckpt.warnings.append(f"links out of the folder, not followed: {_listed(links)}")

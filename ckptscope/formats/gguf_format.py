@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from ckptscope.errors import CheckpointError
 
 from .model import MAX_DIMS, Checkpoint, RootInfo, StorageRef, TensorInfo, contiguous_stride, tensor_kind
+from .ranged_path import as_path
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -373,7 +374,7 @@ def _tensor_info(cur: _Cursor, index: int) -> _RawTensor:
 
 
 def read_gguf(path: str | Path) -> Checkpoint:
-    path = Path(path)
+    path = as_path(path)
     with path.open("rb") as fh:
         size = fh.seek(0, 2)
         cur = _Cursor(fh, size)

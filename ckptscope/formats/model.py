@@ -6,7 +6,7 @@ Nothing here imports torch: listing a checkpoint must stay cheap.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -202,6 +202,18 @@ class Piece(NamedTuple):
 
     offsets: tuple[int, ...]  # index of the chunk's first element along each dimension
     info: TensorInfo  # the chunk as a plain tensor (its shape is the chunk's)
+
+
+def byte_parts(info: TensorInfo) -> Iterator[TensorInfo]:
+    """The tensor and every part its values are read from: a stitched tensor's chunks, a quantized
+    tensor's scales and zero points (each a plain tensor with a storage of its own)."""
+    yield info
+    for piece in info.pieces:
+        yield from byte_parts(piece.info)
+    if info.quant is not None:
+        for part in (info.quant.scales, info.quant.zero_points):
+            if part is not None:
+                yield from byte_parts(part)
 
 
 @lru_cache(maxsize=4096)

@@ -26,6 +26,7 @@ from .model import (
     contiguous_stride,
     tensor_kind,
 )
+from .ranged_path import as_path
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_TENSORS = 500_000
@@ -125,7 +126,7 @@ def _json_type(value: Any) -> str:
 
 
 def read_safetensors(path: str | Path) -> Checkpoint:
-    path = Path(path)
+    path = as_path(path)
     header, data_start, file_size = read_header(path)
     raw_meta = _metadata(header.pop("__metadata__", None))
     if len(header) > MAX_TENSORS:

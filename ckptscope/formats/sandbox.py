@@ -96,16 +96,20 @@ def _worker() -> int:
     import zipfile  # noqa: F401
 
     from . import open_checkpoint
+    from .ranged_sandbox import child_context, trace_json
 
     request = json.loads(sys.stdin.read())
     given = request.get("shards")
     shards = None if given is None else {k: Path(v) for k, v in given.items()}
+    # a ranged round (ranged.py): the fetched bytes of an object store, opened before the hook
+    ranged = None if request.get("ranged") is None else child_context(request["ranged"])
     violations: list[str] = []
     _arm_audit_hook(violations)
     try:
         resolve = None if shards is None else shards.get
         folder = shards if request.get("folder") else None  # an uploaded folder: its files by name
-        ckpt = open_checkpoint(request["path"], resolve_shard=resolve, name=request.get("name"), folder=folder)
+        target = request["path"] if ranged is None else ranged.path(request["path"])
+        ckpt = open_checkpoint(target, resolve_shard=resolve, name=request.get("name"), folder=folder)  # type: ignore[arg-type]
         answer: dict[str, Any] = {"ok": True, "checkpoint": checkpoint_to_json(ckpt)}
     except CheckpointError as exc:
         answer = {"ok": False, "code": exc.code, "message": exc.message, "extra": exc.extra}
@@ -115,6 +119,8 @@ def _worker() -> int:
         answer = {"ok": False, "code": "corrupt", "message": "the file nests too deeply"}
     except Exception:  # open_checkpoint maps readers' errors; this is the last line of defence
         answer = {"ok": False, "code": "parser_crashed", "message": "the parser failed on this file"}
+    if ranged is not None:
+        answer["ranged"] = trace_json(ranged)
     if violations:
         answer = {
             "ok": False,
@@ -148,7 +154,25 @@ def open_checkpoint_sandboxed(
     # folder: shards are an uploaded folder's files, read as a folder (formats/folder.py); a local
     # directory is simply its path
     shard_map = None if shards is None else {k: str(v) for k, v in shards.items()}
-    request = json.dumps({"path": str(path), "name": name, "shards": shard_map, "folder": folder})
+    request = {"path": str(path), "name": name, "shards": shard_map, "folder": folder}
+    answer = run_sandboxed(request, limits, str(path))
+    if not answer.get("ok"):
+        raise answer_error(answer)
+    return checkpoint_from_json(answer["checkpoint"])
+
+
+def answer_error(answer: dict[str, Any]) -> CheckpointError:
+    """The CheckpointError a child answered."""
+    error = CheckpointError(str(answer.get("code")), str(answer.get("message")))
+    extra = answer.get("extra")
+    if isinstance(extra, dict):
+        error.extra.update(extra)
+    return error
+
+
+def run_sandboxed(request: dict[str, Any], limits: Limits, what: str) -> dict[str, Any]:
+    """Run one request in the sandboxed child; its JSON answer (``ok`` true or false). A child
+    that ran out of time, memory or CPU, crashed or answered nothing is a CheckpointError."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(PROJECT_ROOT),
@@ -158,7 +182,7 @@ def open_checkpoint_sandboxed(
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "ckptscope.formats.sandbox"],
-            input=request.encode(),
+            input=json.dumps(request).encode(),
             capture_output=True,
             timeout=limits.timeout_s,
             env=env,
@@ -179,15 +203,11 @@ def open_checkpoint_sandboxed(
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         if "MemoryError" in tail[0]:
             raise CheckpointError("limit_exceeded", "reading the file needs more memory than allowed") from None
-        log.warning("the parser failed on %s: %s", path, tail[0][:500])  # the details stay in the log
+        log.warning("the parser failed on %s: %s", what, tail[0][:500])  # the details stay in the log
         raise CheckpointError("parser_crashed", "the parser failed on this file") from None
-    if not answer.get("ok"):
-        error = CheckpointError(str(answer.get("code")), str(answer.get("message")))
-        extra = answer.get("extra")
-        if isinstance(extra, dict):
-            error.extra.update(extra)
-        raise error
-    return checkpoint_from_json(answer["checkpoint"])
+    if not isinstance(answer, dict):
+        raise CheckpointError("parser_crashed", "the parser failed on this file")
+    return answer
 
 
 if __name__ == "__main__":

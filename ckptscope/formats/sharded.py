@@ -11,6 +11,7 @@ from ckptscope.errors import CheckpointError
 
 from .model import Checkpoint, RootInfo, TensorInfo
 from .pickled_tree import mark_aliases, plain_value
+from .ranged_path import as_path, is_ranged, open_all_on_miss, will_open
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 ShardResolver = Callable[[str], Path | None]
@@ -63,7 +64,7 @@ def read_sharded(
     resolve: ShardResolver | None = None,
     index_name: str | None = None,
 ) -> Checkpoint:
-    index_path = Path(index_path)
+    index_path = as_path(index_path)
     index = load_index(index_path)
     weight_map: dict[str, Any] = index["weight_map"]
     shards = sorted({validate_shard_name(s) for s in weight_map.values()})
@@ -78,6 +79,10 @@ def read_sharded(
     warnings: list[str] = []
     seen: dict[str, str] = {}
     files = [str(index_path)]
+    if is_ranged(index_path):  # in a store: every shard's size, header and misses in one round
+        shard_paths = [resolve(shard) for shard in shards]
+        will_open(shard_paths)
+        open_single = open_all_on_miss(open_single, shard_paths)
     for shard in shards:
         shard_path = resolve(shard)
         if shard_path is None or not shard_path.is_file():

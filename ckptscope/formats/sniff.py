@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
+from .ranged_path import as_path
+
 SNIFF_BYTES = 512
 
 
 def sniff(path: str | Path) -> str:
     """One of: safetensors, zip, pickle, json, tar, gguf, onnx, tf_savedmodel, hdf5, numpy, empty,
     unknown."""
-    with Path(path).open("rb") as fh:
+    with as_path(path).open("rb") as fh:
         head = fh.read(SNIFF_BYTES)
         protobuf = _protobuf_kind(fh) if head[:1] in (b"\x08", b"\x12") else None
         hdf5_later = not head.startswith(_HDF5) and _hdf5_after_user_block(fh)

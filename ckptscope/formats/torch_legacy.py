@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from ckptscope.errors import CheckpointError
 from .model import DTYPES, Checkpoint, StorageRef
 from .pickle_graph import WorkBudget
 from .pickled_tree import build_checkpoint
+from .ranged_path import as_path, head_stream, will_read
 from .torch_pickle import PickledStorage, PickleReader
 from .torch_zip import MAX_PICKLE_BYTES
 
@@ -18,15 +18,30 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
+def _length_fields(keys: list[str], storages: dict[str, PickledStorage], position: int) -> list[tuple[int, int]]:
+    """Where the loop below reads each storage's 8-byte length (as far as the storages are
+    known): a ranged file fetches them all in one round."""
+    ranges = []
+    for key in keys:
+        storage = storages.get(key)
+        dtype = DTYPES.get(storage.dtype or "uint8") if storage is not None else None
+        if storage is None or dtype is None or not isinstance(storage.numel, int):
+            break
+        ranges.append((position, position + 8))
+        position += 8 + storage.numel * dtype.itemsize
+    return ranges
+
+
 def read_torch_legacy(path: str | Path) -> Checkpoint:
-    path = Path(path)
+    path = as_path(path)
     file_size = path.stat().st_size
     with path.open("rb") as raw:
         # the pickles sit at the front, the storages after them: read a bounded head into memory
-        # so no length claimed inside a pickle can make a read larger than that
-        head = raw.read(min(file_size, MAX_PICKLE_BYTES))
-        fh = io.BytesIO(head)
-        reader = PickleReader(WorkBudget.for_bytes(len(head)))  # one budget for the file's five pickles
+        # so no length claimed inside a pickle can make a read larger than that (in a store: a
+        # view of the head, whose bytes are fetched as far as the unpickler gets)
+        head_size = min(file_size, MAX_PICKLE_BYTES)
+        fh = head_stream(raw, head_size)
+        reader = PickleReader(WorkBudget.for_bytes(head_size))  # one budget for the file's five pickles
         magic, _ = reader.load(fh)
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
@@ -47,6 +62,7 @@ def read_torch_legacy(path: str | Path) -> Checkpoint:
         position = fh.tell()
         if position >= MAX_PICKLE_BYTES:
             raise CheckpointError("limit_exceeded", "legacy checkpoint pickles exceed the 256 MiB limit")
+        will_read(raw, _length_fields(keys, storages, position))
         for key in keys:
             storage = storages.get(key)
             if storage is None or key in located:

@@ -24,6 +24,7 @@ from ckptscope.errors import CheckpointError
 from .model import Checkpoint, StorageRef
 from .pickle_graph import WorkBudget
 from .pickled_tree import build_checkpoint
+from .ranged_path import as_path, will_read
 from .torch_pickle import PickledStorage, PickleReader
 from .zip_kinds import zip_refusal
 
@@ -86,6 +87,9 @@ class _Window:
 
     def close(self) -> None:  # the file belongs to the caller
         pass
+
+    def will_read(self, ranges: list[tuple[int, int]]) -> None:
+        will_read(self._fh, [(self._start + a, self._start + min(b, self._length)) for a, b in ranges])
 
 
 def _local_entry(fh: _Window, info: zipfile.ZipInfo) -> tuple[int, int]:
@@ -181,6 +185,23 @@ def _looks_like_archive_sequence(fh: _Window, start: int) -> bool:
     return False
 
 
+def _entry_reads(ordered: list[zipfile.ZipInfo], cd_start: int) -> list[tuple[int, int]]:
+    """The byte ranges that reading the archive will read: every entry's local header and data
+    descriptor, and the whole of the small entries that are not storages (data.pkl, byteorder)
+    where they fit before the next entry as the directory says (a ranged file fetches them all in
+    one round)."""
+    ranges = []
+    for n, info in enumerate(ordered):
+        following = ordered[n + 1].header_offset if n + 1 < len(ordered) else cd_start
+        header_end = info.header_offset + _LOCAL_HEADER.size + len(info.orig_filename.encode("utf-8")) + 64
+        whole = header_end + info.compress_size
+        small = "/data/" not in info.filename and info.compress_size <= MAX_PICKLE_BYTES
+        ranges.append((info.header_offset, min(whole, following) if small else header_end))
+        if info.flag_bits & 0x8:  # its data descriptor ends where the next entry starts
+            ranges.append((max(info.header_offset, following - 24), following))
+    return ranges
+
+
 def check_whole_archive(fh: _Window, size: int, infos: list[zipfile.ZipInfo]) -> dict[str, int]:
     """Require that every byte of the range belongs to the archive; returns each entry's data
     offset. The entries start at byte 0 and follow each other (each with its data descriptor where
@@ -198,6 +219,7 @@ def check_whole_archive(fh: _Window, size: int, infos: list[zipfile.ZipInfo]) ->
         raise _bad_zip(f"the zip end record declares {end.entries} entries but its directory lists {len(infos)}")
     offsets: dict[str, int] = {}
     ordered = sorted(infos, key=lambda i: i.header_offset)
+    fh.will_read(_entry_reads(ordered, end.cd_start))
     position = 0
     for n, info in enumerate(ordered):
         if info.header_offset < position:
@@ -250,7 +272,7 @@ def open_torch_archive(
     default). Storage keys get ``key_prefix`` (archives of one file must not share keys).
     ``pickle_cache`` remembers what each ``data.pkl`` read to (the many chunk archives of one DCP set
     mostly hold the same pickle, byte for byte; the values read are immutable)."""
-    path = Path(path)
+    path = as_path(path)
     file_size = path.stat().st_size
     if length is None:
         length = file_size - start

@@ -18,18 +18,22 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
 
+from ckptscope.formats.model import TensorInfo
 from ckptscope.insights.init_verdict import verdict_for
 from ckptscope.metrics import Metrics
 from ckptscope.stats.engine import Engine, StatsCancelled, choose_engine, compute_stats
+from ckptscope.stats.model import TensorStats
 from ckptscope.stats.torch_engine import resolve_device
 from ckptscope.store.catalogue import Catalogue, Content, Job, JobState, StatsState, utcnow
 from ckptscope.store.queries import CatalogueQueries
+from ckptscope.store.source_reader import SourceRangeReader
 
 log = logging.getLogger("ckptscope.jobs")
 PROGRESS_INTERVAL_S = 0.25
@@ -50,6 +54,10 @@ class JobRunner:
         workers: int,
         stale_s: float,
         device: str,
+        reader_for: Callable[[str], SourceRangeReader] | None = None,
+        verify: Callable[[str], None] | None = None,
+        dask_scheduler: str = "",
+        scratch_dir: str | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.queries = queries
@@ -66,6 +74,12 @@ class JobRunner:
         self.device: str | None = None  # the torch device of the stats, None for the CPU engine
         self.engine: Engine | None = None  # chosen at start (it imports torch)
         self.stale_s = stale_s
+        # referenced checkpoints (issue 17): where a content's bytes are read from, the check that
+        # its source did not change while it was read, Dask, and where remote ranges are spooled
+        self.reader_for = reader_for
+        self.verify = verify
+        self.dask_scheduler = dask_scheduler
+        self.scratch_dir = scratch_dir
         self.heartbeat_s = min(1.0, self.stale_s / 8)
 
     def start(self) -> None:
@@ -195,6 +209,40 @@ class JobRunner:
 
     # --- the job ------------------------------------------------------------------------------
 
+    def _compute(
+        self,
+        key: str,
+        tensors: list[TensorInfo],
+        progress: Callable[[int, int], None],
+        cancelled: Callable[[], bool],
+    ) -> dict[str, TensorStats]:
+        """The stats of a content's tensors: on Dask when a scheduler is set (for uploads only when
+        it is a local:N cluster), else here (ranges of referenced objects spooled; local files and
+        blobs mapped where they are)."""
+        reader = self.reader_for(key) if self.reader_for is not None else None
+        # Dask workers read the bytes where they live: a bucket, or a path they all see. An
+        # upload's blobs are in this server's data directory, which only a local:N cluster shares.
+        on_dask = bool(self.dask_scheduler) and (
+            self.dask_scheduler.startswith("local:") or bool(reader and reader.referenced)
+        )
+        if on_dask and reader is not None:
+            from .dask_stats import compute_stats_dask
+
+            return compute_stats_dask(tensors, reader, self.dask_scheduler, progress=progress, cancelled=cancelled)
+        if reader is not None and reader.remote:
+            from ckptscope.stats.spool import compute_stats_ranged
+
+            return compute_stats_ranged(
+                tensors,
+                reader,
+                workers=self.workers,
+                progress=progress,
+                cancelled=cancelled,
+                engine=self.engine,
+                scratch_dir=self.scratch_dir,
+            )
+        return compute_stats(tensors, workers=self.workers, progress=progress, cancelled=cancelled, engine=self.engine)
+
     def _run_stats(self, job_id: str, key: str) -> None:
         try:
             if self._stopping.is_set():
@@ -229,13 +277,9 @@ class JobRunner:
                 return lost
 
             started = time.monotonic()
-            stats = compute_stats(
-                [info for _, info in infos],
-                workers=self.workers,
-                progress=progress,
-                cancelled=cancelled,
-                engine=self.engine,
-            )
+            stats = self._compute(key, [info for _, info in infos], progress, cancelled)
+            if self.verify is not None:
+                self.verify(key)  # a source that changed meanwhile: these stats are of no current bytes
             module_types = self.queries.module_types_of(key)
             judged = {  # each tensor's init verdict, once here, read by every page and API call after
                 pos: replace(stats[info.name], init=verdict_for(info, stats[info.name], module_types).to_json())

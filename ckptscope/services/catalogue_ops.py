@@ -15,6 +15,7 @@ from ckptscope.text import make_storable
 from . import checkpoints as svc
 from .checkpoints import Upload
 from .identity import verify_written
+from .local_bytes import local_outputs, local_tensors
 from .operations import (
     CopyReport,
     FreezePlan,
@@ -115,9 +116,10 @@ def export(
         "freeze": list(freeze),
         "dequantized": decoded,
     }
-    new = _write_and_register(
-        core, outputs, fmt, metadata, f"{_stem(row.name)}.export{EXTENSIONS[fmt]}", "export", provenance
-    )
+    with local_outputs(core, [content.key], outputs) as readable:  # a bucket's bytes copied for the write
+        new = _write_and_register(
+            core, readable, fmt, metadata, f"{_stem(row.name)}.export{EXTENSIONS[fmt]}", "export", provenance
+        )
     return new, plan
 
 
@@ -156,9 +158,9 @@ def copy(
         verified = verify_written(written, report, src, metadata, source_digests=_digests(src_pairs)).to_json()
         provenance["verified"] = {"counts": verified["counts"], "modules": verified["modules"][:100]}
 
-    new = _write_and_register(
-        core, report.outputs, fmt, metadata, f"{_stem(dst_row.name)}.copy{EXTENSIONS[fmt]}", "copy", provenance, check
-    )
+    name = f"{_stem(dst_row.name)}.copy{EXTENSIONS[fmt]}"
+    with local_outputs(core, [src_content.key, dst_content.key], report.outputs) as readable:
+        new = _write_and_register(core, readable, fmt, metadata, name, "copy", provenance, check)
     return report, new
 
 
@@ -170,8 +172,17 @@ def freeze(core: Core, checkpoint_id: str, prefixes: Sequence[str], root: str | 
 def diff(core: Core, a_id: str, b_id: str, a_root: str | None = None, b_root: str | None = None) -> dict[str, Any]:
     a_row, a_content, a_root, a = _tensors_and_stats(core, a_id, a_root)
     b_row, b_content, b_root, b = _tensors_and_stats(core, b_id, b_root)
-    # tensors with equal digests are identical without reading them
-    result = diff_tensors([t for t, _ in a], [t for t, _ in b], _digests(a), _digests(b))
+    # tensors with equal digests are identical without reading them; the others are read (a
+    # bucket's bytes copied for the comparison)
+    da, db = _digests(a), _digests(b)
+    same = {n for n, d in da.items() if d is not None and db.get(n) == d}
+    with (
+        local_tensors(core, [a_content.key], [t for t, _ in a if t.name not in same]) as read_a,
+        local_tensors(core, [b_content.key], [t for t, _ in b if t.name not in same]) as read_b,
+    ):
+        local_a = {t.name: t for t in read_a}
+        local_b = {t.name: t for t in read_b}
+        result = diff_tensors([local_a.get(t.name, t) for t, _ in a], [local_b.get(t.name, t) for t, _ in b], da, db)
     result["a"] = {"id": a_row.id, "name": a_row.name, "root": a_root, "sha256": a_content.key}
     result["b"] = {"id": b_row.id, "name": b_row.name, "root": b_root, "sha256": b_content.key}
     return result
@@ -193,4 +204,7 @@ def download(core: Core, checkpoint_id: str, file: str | None = None) -> tuple[P
         if not match:
             raise NotFound(f"no file {file!r} in this checkpoint")
         chosen, name = match[0], match[0].name
-    return core.blobs.path_for(chosen.sha256), name
+    where = core.queries.location(chosen.sha256)  # a blob, a referenced local file, or an object's URL
+    if "://" in where:
+        raise Invalid(f"{chosen.name} lives in an object store ({where}); fetch it from there", "remote_source")
+    return Path(where), name

@@ -144,7 +144,11 @@ def ingest(
 
 
 def get_checkpoint(core: Core, checkpoint_id: str) -> tuple[Checkpoint, Content]:
-    return core.queries.get_checkpoint(checkpoint_id)
+    """A checkpoint and its content; a referenced one as its source is now (``references``)."""
+    from .references import refresh_reference  # references registers through this module
+
+    row, content = core.queries.get_checkpoint(checkpoint_id)
+    return refresh_reference(core, row, content)
 
 
 def list_checkpoints(core: Core) -> list[tuple[Checkpoint, Content]]:

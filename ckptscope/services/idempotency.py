@@ -16,6 +16,7 @@ from ckptscope.store.catalogue import Checkpoint
 from ckptscope.store.queries import KeyTaken
 
 from .checkpoints import Upload, ingest, named_blobs, release_blobs
+from .references import register_reference
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -42,4 +43,16 @@ def ingest_once(core: Core, uploads: Sequence[Upload], key: str, name: str | Non
     try:
         return ingest(core, uploads, name=name, idempotency=(key, fingerprint)), False
     except KeyTaken as taken:  # a request with this key, in flight meanwhile, registered first
+        return core.queries.get_checkpoint(taken.checkpoint_id)[0], True
+
+
+def register_once(core: Core, source: str, key: str, name: str | None = None) -> tuple[Checkpoint, bool]:
+    """``register_reference`` under an idempotency key: the request is its source URL and name."""
+    fingerprint = hashlib.sha256(json.dumps(["reference", source, name or ""]).encode()).hexdigest()
+    earlier = core.queries.checkpoint_for_key(key, fingerprint)
+    if earlier is not None:
+        return earlier, True
+    try:
+        return register_reference(core, source, name, idempotency=(key, fingerprint)), False
+    except KeyTaken as taken:
         return core.queries.get_checkpoint(taken.checkpoint_id)[0], True

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptscope.formats import Checkpoint, TensorInfo
 from ckptscope.formats.model import contiguous_stride, module_types_under
 from ckptscope.insights.findings import Thresholds
+
+if TYPE_CHECKING:
+    from ckptscope.stats.spool import RangeReader
 from ckptscope.stats import TensorStats, TreeNode, build_tree
 
 from .insights import Insights, analyse
@@ -89,8 +92,12 @@ def inspect_listing(
     progress: Any = None,
     device: str | None = None,
     thresholds: Thresholds | None = None,
+    reader: RangeReader | None = None,
+    dask: str | None = None,
 ) -> Inspection:
-    """A listing's root, with its stats (read from the listing's files) and module tree."""
+    """A listing's root, with its stats (read from the listing's files, or through ``reader`` where
+    they live in an object store; on a Dask cluster with ``dask``, a scheduler address) and module
+    tree."""
     root = ckpt.resolve_root(root)
     tensors = ckpt.root_tensors(root)
     stats = None
@@ -98,7 +105,20 @@ def inspect_listing(
         from ckptscope.stats.engine import compute_stats  # imports torch: only when stats are wanted
         from ckptscope.stats.torch_engine import resolve_device
 
-        stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
+        if dask:
+            from ckptscope.jobs.dask_stats import close_local_clusters, compute_stats_dask
+            from ckptscope.stats.spool import LocalFileReader
+
+            try:
+                stats = compute_stats_dask(tensors, reader or LocalFileReader(), dask, progress=progress)
+            finally:
+                close_local_clusters()  # a local:N cluster lives as long as the command
+        elif reader is not None:
+            from ckptscope.stats.spool import compute_stats_ranged
+
+            stats = compute_stats_ranged(tensors, reader, progress=progress)
+        else:
+            stats = compute_stats(tensors, progress=progress, device=resolve_device(device))
     return Inspection(
         ckpt, root, tensors, stats, build_tree(tensors, stats, module_types_under(ckpt.module_types, root)), thresholds
     )

@@ -25,6 +25,7 @@ from ckptscope.errors import Invalid
 from ckptscope.formats import TensorInfo
 from ckptscope.insights import png
 from ckptscope.insights.preview import MAX_CELLS, REDUCES, Preview, PreviewPlan, plan_preview, reduce_tensor
+from ckptscope.services.local_bytes import local_tensor
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -139,7 +140,8 @@ def preview_etag(content: Content, root: str, name: str, reduce: str, index: tup
 def tensor_preview(
     core: Core, content: Content, root: str, name: str, reduce: str = "mean", index: tuple[int, ...] = ()
 ) -> RenderedPreview:
-    return render_preview(_tensor(core, content, root, name), reduce, index)
+    with local_tensor(core, content.key, _tensor(core, content, root, name)) as info:
+        return render_preview(info, reduce, index)
 
 
 def tensor_preview_size(core: Core, content: Content, root: str, name: str) -> tuple[int, int] | None:
@@ -204,7 +206,8 @@ def tensor_spectrum(core: Core, content: Content, root: str, name: str) -> tuple
             return Spectrum.from_json(cached), True
         except (KeyError, TypeError, ValueError, IndexError):
             pass  # a damaged entry: computed again
-    spectrum = spectrum_for(info, stats_device(core.settings.stats_device))
+    with local_tensor(core, content.key, info) as local:
+        spectrum = spectrum_for(local, stats_device(core.settings.stats_device))
     try:
         _write_atomically(path, json.dumps({"version": VERSION, "name": full, "spectrum": spectrum.to_json()}))
     except OSError as exc:  # a read-only or full data directory: the answer stands, uncached

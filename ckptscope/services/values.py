@@ -63,14 +63,23 @@ def _few_distinct_possible(stats: TensorStats | None) -> bool:
     return stats is None or sum(1 for c in stats.hist if c) <= MAX_DISTINCT
 
 
+def reads_values(info: TensorInfo, stats: TensorStats | None = None) -> bool:
+    """Whether ``tensor_values`` reads the tensor's values (a tiny tensor, or an integer one with
+    few distinct values), or answers from the listing alone."""
+    category = value_category(info)
+    numel = info.numel
+    tiny = 0 < numel <= MAX_SHOWN
+    count = category in ("int", "uint", "bool") and 0 < numel <= MAX_COUNTED and _few_distinct_possible(stats)
+    return category != "complex" and (tiny or count)
+
+
 def tensor_values(info: TensorInfo, stats: TensorStats | None = None) -> TensorValues:
     """What the detail panel shows of a tensor's values (nothing for most tensors). A file that
     cannot be read here leaves the panel with the statistics alone."""
     category = value_category(info)
     numel = info.numel
     tiny = 0 < numel <= MAX_SHOWN
-    count = category in ("int", "uint", "bool") and 0 < numel <= MAX_COUNTED and _few_distinct_possible(stats)
-    if category == "complex" or not (tiny or count):
+    if not reads_values(info, stats):
         return TensorValues(category)
     try:
         values = read_values(info)
@@ -78,7 +87,7 @@ def tensor_values(info: TensorInfo, stats: TensorStats | None = None) -> TensorV
         log.warning("could not read the values of %r: %s", info.name, exc)
         return TensorValues(category)
     distinct = None
-    if count:
+    if category in ("int", "uint", "bool") and numel <= MAX_COUNTED:
         uniq, counts = np.unique(values, return_counts=True)
         if len(uniq) <= MAX_DISTINCT:
             distinct = list(zip(_python(uniq), [int(c) for c in counts], strict=True))

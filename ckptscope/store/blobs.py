@@ -189,8 +189,9 @@ class BlobStore:
 
     def clean_tmp(self, older_than_s: float = 6 * 3600) -> None:
         """Remove temp files and pins a crashed process left behind (called at start-up): every
-        upload temp file no process holds, and the server's own temp files and pins when old
-        (another server process sharing the data directory may be using them)."""
+        upload temp file no process holds, and the server's own temp files (exports being written,
+        spooled ranges of referenced objects) and pins when old (another server process sharing
+        the data directory may be using them)."""
         with file_lock(self.lock_path):
             for upload in self.tmp_dir.glob("upload-*"):
                 try:
@@ -203,6 +204,9 @@ class BlobStore:
                     pass
         now = time.time()
         leftovers = [(p, older_than_s) for p in self.tmp_dir.glob("write-*")]
+        # byte ranges of referenced objects copied for a stats task or an export (stats/spool.py,
+        # stats/localized.py); each process deletes its own, a killed one leaves them
+        leftovers += [(p, older_than_s) for p in self.tmp_dir.glob("ckptscope-ranges-*")]
         leftovers += [(p, PIN_TTL_S) for p in self.pin_dir.iterdir()]
         for leftover, max_age in leftovers:
             try:

@@ -98,7 +98,7 @@ class Checkpoint(Base):
     content_key: Mapped[str] = mapped_column(ForeignKey("contents.key"), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    origin: Mapped[str] = mapped_column(String(16), default="upload")  # upload|copy|export
+    origin: Mapped[str] = mapped_column(String(16), default="upload")  # upload|copy|export|reference
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
@@ -158,6 +158,19 @@ class FileRef(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
+
+
+class SourceObject(Base):
+    """An object a referenced checkpoint is read from, as its store described it when listed. The
+    key (sha256 of the URL and that identity) stands where an upload's file rows name a blob hash;
+    a changed object is another key, so a row never changes once written."""
+
+    __tablename__ = "source_objects"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    identity: Mapped[dict[str, Any]] = mapped_column(JSON)  # ObjectIdentity.to_json()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Job(Base):

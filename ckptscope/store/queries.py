@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Table, bindparam, delete, func, select, update
 
@@ -39,6 +40,7 @@ from .catalogue import (
     Job,
     LoginSession,
     ModuleDigestRow,
+    SourceObject,
     StatsState,
     TensorRow,
     dumps,
@@ -54,6 +56,17 @@ class StoredFile:
     name: str  # display name within the checkpoint
     sha256: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """A referenced object as listed: its key (``StoredFile.sha256`` names it), URL, size and what
+    its store said about it (``ObjectIdentity.to_json()``)."""
+
+    key: str
+    url: str
+    size: int
+    identity: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,7 @@ class CatalogueQueries:
     def __init__(self, catalogue: Catalogue, blobs: BlobStore) -> None:
         self.catalogue = catalogue
         self.blobs = blobs
+        self._locations: dict[str, str] = {}  # file key -> where its bytes are (``location``)
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -165,6 +179,8 @@ class CatalogueQueries:
         origin: str,
         provenance: dict[str, Any] | None,
         idempotency: tuple[str, str] | None = None,
+        sources: Sequence[SourceRecord] = (),
+        checkpoint: bool = True,
     ) -> tuple[Checkpoint, Content]:
         """Add a checkpoint row named ``name`` for the content ``key``, and the content
         with its files and tensor rows unless it is listed already. Another process may register
@@ -172,7 +188,9 @@ class CatalogueQueries:
         checkpoint's reference fails): then the whole transaction runs again. ``idempotency``:
         (key, request fingerprint) recorded with the new checkpoint; a key taken already raises
         ``KeyTaken`` (same fingerprint) or ``idempotency-key-reused`` (another one), and nothing is
-        registered."""
+        registered. ``sources``: the referenced objects the files name (a checkpoint opened where it
+        lives). ``checkpoint=False``: the content only (a referenced checkpoint's source changed; the
+        returned checkpoint row is then a transient one, not stored)."""
 
         def transaction() -> tuple[Checkpoint, Content]:
             with self.catalogue.session() as session, session.begin():
@@ -182,6 +200,11 @@ class CatalogueQueries:
                         if not hmac.compare_digest(taken.fingerprint, idempotency[1]):
                             raise key_reused()
                         raise KeyTaken(taken.checkpoint_id)
+                for source in sources:
+                    if session.get(SourceObject, source.key) is None:
+                        session.add(
+                            SourceObject(key=source.key, url=source.url, size=source.size, identity=source.identity)
+                        )
                 content = session.get(Content, key)
                 if content is None:
                     content = Content(
@@ -210,6 +233,8 @@ class CatalogueQueries:
                     origin=origin,
                     provenance=provenance,
                 )
+                if not checkpoint:
+                    return row, content
                 session.add(row)
                 if idempotency is not None:  # a concurrent request with this key conflicts here
                     session.flush()
@@ -238,12 +263,7 @@ class CatalogueQueries:
                 if others:
                     return []
                 on_last_reference(key)
-                shas = list(session.scalars(select(FileRef.sha256).where(FileRef.content_key == key)))
-                session.execute(delete(TensorRow).where(TensorRow.content_key == key))
-                session.execute(delete(ModuleDigestRow).where(ModuleDigestRow.content_key == key))
-                session.execute(delete(FileRef).where(FileRef.content_key == key))
-                session.execute(delete(Content).where(Content.key == key))
-                return shas
+                return _delete_content(session, key)
 
         return retry_conflicts(transaction)
 
@@ -254,10 +274,64 @@ class CatalogueQueries:
 
     # --- tensors ------------------------------------------------------------------------------
 
-    def row_to_info(self, row: TensorRow, root: str = "") -> TensorInfo:
-        storage = StorageRef(
-            str(self.blobs.path_for(row.file_sha)), row.storage_byte_offset, row.storage_nbytes, row.storage_key
+    def location(self, file_key: str) -> str:
+        """Where a file row's bytes are: an uploaded blob's path, a referenced local file's path, or
+        a referenced object's URL (``s3://...``). Keys never change meaning, so answers are kept."""
+        found = self._locations.get(file_key)
+        if found is None:
+            with self.catalogue.session() as session:
+                source = session.get(SourceObject, file_key)
+            found = str(self.blobs.path_for(file_key)) if source is None else source_location(source.url)
+            if len(self._locations) < 100_000:
+                self._locations[file_key] = found
+        return found
+
+    def source_objects(self, content_key: str) -> list[SourceObject]:
+        """The referenced objects a content is read from (none for an upload), by file name."""
+        stmt = (
+            select(SourceObject)
+            .join(FileRef, FileRef.sha256 == SourceObject.key)
+            .where(FileRef.content_key == content_key)
+            .order_by(FileRef.name)
         )
+        with self.catalogue.session() as session:
+            return list(session.scalars(stmt))
+
+    def repoint_checkpoint(self, checkpoint_id: str, content_key: str, provenance: dict[str, Any]) -> str | None:
+        """Point a referenced checkpoint at the content its changed source now lists as; returns the
+        content it left (for the caller to discard when nothing else uses it)."""
+
+        def transaction() -> str | None:
+            with self.catalogue.session() as session, session.begin():
+                row = session.get(Checkpoint, checkpoint_id)
+                if row is None:
+                    raise NotFound(f"no checkpoint with id {checkpoint_id!r}")
+                old = row.content_key
+                row.content_key = content_key
+                row.provenance = provenance
+                row.size_bytes = sum(session.scalars(select(FileRef.size).where(FileRef.content_key == content_key)))
+                return old if old != content_key else None
+
+        return retry_conflicts(transaction)
+
+    def drop_content_if_unused(self, content_key: str, on_last_reference: Callable[[str], None]) -> list[str]:
+        """Delete a content that no checkpoint names any more (a referenced checkpoint moved on to
+        its source's new content); returns its files' keys."""
+
+        def transaction() -> list[str]:
+            with self.catalogue.session() as session, session.begin():
+                users = session.scalar(
+                    select(func.count()).select_from(Checkpoint).where(Checkpoint.content_key == content_key)
+                )
+                if users or session.get(Content, content_key) is None:
+                    return []
+                on_last_reference(content_key)
+                return _delete_content(session, content_key)
+
+        return retry_conflicts(transaction)
+
+    def row_to_info(self, row: TensorRow, root: str = "") -> TensorInfo:
+        storage = StorageRef(self.location(row.file_sha), row.storage_byte_offset, row.storage_nbytes, row.storage_key)
         return TensorInfo(
             relative_name(row.name, root) or row.name,
             row.dtype,
@@ -277,7 +351,7 @@ class CatalogueQueries:
     def _part_from_json(self, data: list[Any], name: str = "") -> TensorInfo:
         """A part of a tensor row (a chunk, a scale tensor) as ``_part_to_json`` stored it."""
         dtype, shape, stride, soff, sha, off, nbytes, key = data
-        storage = StorageRef(str(self.blobs.path_for(sha)), off, nbytes, key)
+        storage = StorageRef(self.location(sha), off, nbytes, key)
         return TensorInfo(name, dtype, tuple(shape), tuple(stride), soff, storage)
 
     def _pieces_from_json(self, name: str, text: str | None) -> tuple[Piece, ...]:
@@ -525,6 +599,26 @@ def _save_module_digests(conn: Any, content_key: str) -> None:
 
 def _tensors_table() -> Table:
     return cast(Table, TensorRow.__table__)
+
+
+def _delete_content(session: Any, key: str) -> list[str]:
+    """Delete a content's rows (its tensors, digests, files, and the referenced objects no other
+    content reads); returns its files' keys."""
+    shas = list(session.scalars(select(FileRef.sha256).where(FileRef.content_key == key)))
+    session.execute(delete(TensorRow).where(TensorRow.content_key == key))
+    session.execute(delete(ModuleDigestRow).where(ModuleDigestRow.content_key == key))
+    session.execute(delete(FileRef).where(FileRef.content_key == key))
+    session.execute(delete(Content).where(Content.key == key))
+    still_used = select(FileRef.sha256).where(FileRef.sha256.in_(shas))
+    session.execute(delete(SourceObject).where(SourceObject.key.in_(shas), SourceObject.key.not_in(still_used)))
+    return shas
+
+
+def source_location(url: str) -> str:
+    """A referenced object's location for the readers and the stats: a local path for ``file://``
+    URLs, the URL itself for an object store."""
+    parts = urlsplit(url)
+    return unquote(parts.path) if parts.scheme == "file" else url
 
 
 def _root_filter(stmt: Any, content: Content, root: str, prefix: str = "") -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -18,9 +18,10 @@ from ckptscope.http.uploads import receive_uploads
 from ckptscope.insights.findings import SEVERITIES
 from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
-from ckptscope.services import identity
+from ckptscope.services import identity, references
 from ckptscope.services import values as tensor_values
 from ckptscope.services.insights import Insights, checkpoint_insights
+from ckptscope.services.local_bytes import local_tensor
 from ckptscope.services.operations import Renamer
 from ckptscope.services.selection import normalize_mapping, parse_pairs
 
@@ -49,9 +50,29 @@ def home(request: Request, core: CoreDep) -> Response:
     return render(
         request,
         "home.html",
-        {"items": items, "version": __version__, "max_upload": core.settings.max_upload_bytes},
+        {
+            "items": items,
+            "version": __version__,
+            "max_upload": core.settings.max_upload_bytes,
+            "sources": {"roots": bool(core.settings.source_roots), "buckets": bool(core.settings.source_buckets)},
+        },
         block,
     )
+
+
+@router.post("/reference", dependencies=CSRF)
+def reference(
+    request: Request,
+    core: CoreDep,
+    source: Annotated[str, Form(min_length=1, max_length=4096)],
+    name: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """Open a checkpoint where it lives (the form beside the upload): registered, not copied."""
+    row = references.register_reference(core, source.strip(), name or None)
+    url = f"/checkpoints/{row.id}"
+    if is_htmx(request):
+        return Response(status_code=200, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
 
 
 @router.post("/upload")
@@ -131,6 +152,7 @@ def checkpoint_page(
         "target_module": module or None,
         "ckpt": row,
         "content": content,
+        "source": references.source_of(row),
         "created": request.cookies.get(CREATED_COOKIE) == row.id,  # just written by an export or a copy
         "params_by_dtype": svc.params_by_dtype(tree),
         "root": root,
@@ -144,7 +166,7 @@ def checkpoint_page(
         "tree": tree,
         "detail": detail,
         "detail_error": detail_error,
-        "histogram": _histogram(detail, log=hist == "log"),
+        "histogram": _histogram(core, content, detail, log=hist == "log"),
         # _identical.html: the other catalogue tensors identical to the shown one (by digest)
         "identical": identity.identical_elsewhere(core, row.id, root, detail[0].name, detail[1]) if detail else None,
         "selected": tensor,
@@ -160,14 +182,20 @@ def checkpoint_page(
     return response
 
 
-def _histogram(detail: tuple[TensorInfo, TensorStats | None] | None, *, log: bool) -> HistogramView | None:
+def _histogram(
+    core: Core, content: Content, detail: tuple[TensorInfo, TensorStats | None] | None, *, log: bool
+) -> HistogramView | None:
     """The detail panel's chart: a tiny tensor's values and few distinct values are read from its file."""
     if detail is None:
         return None
     info, stats = detail
     if stats is None:
         return None
-    values = tensor_values.tensor_values(info, stats)
+    if tensor_values.reads_values(info, stats):
+        with local_tensor(core, content.key, info) as local:
+            values = tensor_values.tensor_values(local, stats)
+    else:
+        values = tensor_values.tensor_values(info, stats)
     return histogram_view(
         stats,
         log=log,

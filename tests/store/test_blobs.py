@@ -44,10 +44,15 @@ def test_start_up_cleaning_removes_only_old_leftovers(tmp_path):
     stale = write(store, b"crashed")
     stale_temp = store.temp_path()
     fresh_temp = store.temp_path()
-    for path, age in ((stale.pin, PIN_TTL_S), (stale_temp, 6 * 3600)):
+    # ranges of a referenced object that a killed stats task or export copied (stats/spool.py)
+    stale_spool = store.tmp_dir / "ckptscope-ranges-dead.bin"
+    fresh_spool = store.tmp_dir / "ckptscope-ranges-live.bin"
+    for spool in (stale_spool, fresh_spool):
+        spool.write_bytes(b"x" * 10)
+    for path, age in ((stale.pin, PIN_TTL_S), (stale_temp, 6 * 3600), (stale_spool, 6 * 3600)):
         old = time.time() - age - 60
         os.utime(path, (old, old))
     store.clean_tmp()
-    assert fresh.pin.exists() and fresh_temp.exists()
-    assert not stale.pin.exists() and not stale_temp.exists()
+    assert fresh.pin.exists() and fresh_temp.exists() and fresh_spool.exists()
+    assert not stale.pin.exists() and not stale_temp.exists() and not stale_spool.exists()
     assert stale.path.exists()  # blobs themselves are only deleted through delete_unless

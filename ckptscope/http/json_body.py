@@ -11,14 +11,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from ckptscope.errors import CkptscopeError
+from .problems import Refused
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class BodyTooLarge(CkptscopeError):
-    status = 413
-    default_code = "body_too_large"
 
 
 def is_json_request(request: Request) -> bool:
@@ -32,7 +27,7 @@ async def read_model(request: Request, model: type[M], limit: int) -> M:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes (CKPTSCOPE_MAX_BODY_BYTES)")
+            raise Refused(413, "body_too_large", f"the request body exceeds {limit} bytes (CKPTSCOPE_MAX_BODY_BYTES)")
     try:
         data = json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as exc:

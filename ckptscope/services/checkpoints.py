@@ -170,16 +170,17 @@ def rename_checkpoint(core: Core, checkpoint_id: str, name: str) -> tuple[Checkp
     return core.queries.get_checkpoint(checkpoint_id)
 
 
-def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
-    # the last checkpoint of a content: this process's job stops (others notice the content is
-    # gone) and its cached spectra go
+def forget_content(core: Core, content_key: str) -> None:
+    """A content lost its last checkpoint: this process's job stops (others notice the content is
+    gone) and its cached spectra go."""
     from .previews import forget_spectra  # previews reads tensors through this module
 
-    def last_reference(content_key: str) -> None:
-        core.jobs.cancel(content_key)
-        forget_spectra(core, content_key)
+    core.jobs.cancel(content_key)
+    forget_spectra(core, content_key)
 
-    discard_unreferenced(core, core.queries.delete_checkpoint(checkpoint_id, on_last_reference=last_reference))
+
+def delete_checkpoint(core: Core, checkpoint_id: str) -> None:
+    discard_unreferenced(core, core.queries.delete_checkpoint(checkpoint_id, partial(forget_content, core)))
 
 
 # --- reading tensors -------------------------------------------------------------------------

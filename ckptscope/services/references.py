@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from ckptscope.store.source_reader import SourceRangeReader, changed_objects, co
 from ckptscope.store.sources import ObjectIdentity, SourceClient, SourcePolicy, SourceRef, parse_source_url
 from ckptscope.text import make_storable
 
-from .checkpoints import checkpoint_label, discard_unreferenced
+from .checkpoints import checkpoint_label, discard_unreferenced, forget_content
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
@@ -51,7 +52,7 @@ class BucketObjects:
         self.identities: dict[str, ObjectIdentity] = {}
         self.refs: dict[str, SourceRef] = {}
 
-    def _ref(self, url: str) -> SourceRef:
+    def ref(self, url: str) -> SourceRef:
         ref = self.refs.get(url)
         if ref is None:
             ref = parse_source_url(url)
@@ -62,7 +63,7 @@ class BucketObjects:
 
     def stat(self, url: str) -> int | None:
         try:
-            identity = self.identities.get(url) or self.client.head(self._ref(url))
+            identity = self.identities.get(url) or self.client.head(self.ref(url))
         except SourceNotFound:
             return None
         self.identities[url] = identity
@@ -71,10 +72,10 @@ class BucketObjects:
     def read(self, url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if url not in self.identities:
             self.stat(url)
-        return self.client.read_ranges(self._ref(url), ranges, self.identities.get(url))
+        return self.client.read_ranges(self.ref(url), ranges, self.identities.get(url))
 
     def listdir(self, url: str) -> dict[str, int] | None:
-        listed = self.client.list_dir(self._ref(url))
+        listed = self.client.list_dir(self.ref(url))
         if listed is None:
             return None
         base = url.rstrip("/")
@@ -146,7 +147,7 @@ def list_source(core: Core, ref: SourceRef) -> SourceListing:
         identity = remote.identities.get(url)
         if identity is None:
             raise CheckpointError("unreadable", f"the listing names an object it did not read: {url}")
-        objects[url] = (remote._ref(url), identity)
+        objects[url] = (remote.ref(url), identity)
     return SourceListing(ref, listing, objects)
 
 
@@ -158,7 +159,7 @@ def open_remote(url: str, limits: Limits) -> tuple[Listing, SourceRangeReader]:
     remote = BucketObjects(client, None)
     listing, _report = open_ranged_checkpoint(url, remote, name=parse_source_url(url).name or None, limits=limits)
     make_storable(listing)
-    used = [(remote._ref(u), remote.identities[u]) for u in listing.files if u in remote.identities]
+    used = [(remote.ref(u), remote.identities[u]) for u in listing.files if u in remote.identities]
     return listing, SourceRangeReader(client, used)
 
 
@@ -286,13 +287,7 @@ def refresh_reference(core: Core, row: Checkpoint, content: Content) -> tuple[Ch
 
 
 def _drop_if_unused(core: Core, content_key: str) -> None:
-    from .previews import forget_spectra
-
-    def last_reference(key: str) -> None:
-        core.jobs.cancel(key)
-        forget_spectra(core, key)
-
-    discard_unreferenced(core, core.queries.drop_content_if_unused(content_key, last_reference))
+    discard_unreferenced(core, core.queries.drop_content_if_unused(content_key, partial(forget_content, core)))
 
 
 def source_of(row: Checkpoint) -> dict[str, Any] | None:

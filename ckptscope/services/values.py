@@ -63,23 +63,27 @@ def _few_distinct_possible(stats: TensorStats | None) -> bool:
     return stats is None or sum(1 for c in stats.hist if c) <= MAX_DISTINCT
 
 
-def reads_values(info: TensorInfo, stats: TensorStats | None = None) -> bool:
-    """Whether ``tensor_values`` reads the tensor's values (a tiny tensor, or an integer one with
-    few distinct values), or answers from the listing alone."""
+def _shown_and_counted(info: TensorInfo, stats: TensorStats | None) -> tuple[bool, bool]:
+    """Whether the panel lists the tensor's values (a tiny tensor) and whether it counts its
+    distinct values (an integer or bool tensor that can have few)."""
     category = value_category(info)
     numel = info.numel
-    tiny = 0 < numel <= MAX_SHOWN
+    tiny = category != "complex" and 0 < numel <= MAX_SHOWN
     count = category in ("int", "uint", "bool") and 0 < numel <= MAX_COUNTED and _few_distinct_possible(stats)
-    return category != "complex" and (tiny or count)
+    return tiny, count
+
+
+def reads_values(info: TensorInfo, stats: TensorStats | None = None) -> bool:
+    """Whether ``tensor_values`` reads the tensor's values, or answers from the listing alone."""
+    return any(_shown_and_counted(info, stats))
 
 
 def tensor_values(info: TensorInfo, stats: TensorStats | None = None) -> TensorValues:
     """What the detail panel shows of a tensor's values (nothing for most tensors). A file that
     cannot be read here leaves the panel with the statistics alone."""
     category = value_category(info)
-    numel = info.numel
-    tiny = 0 < numel <= MAX_SHOWN
-    if not reads_values(info, stats):
+    tiny, count = _shown_and_counted(info, stats)
+    if not (tiny or count):
         return TensorValues(category)
     try:
         values = read_values(info)
@@ -87,7 +91,7 @@ def tensor_values(info: TensorInfo, stats: TensorStats | None = None) -> TensorV
         log.warning("could not read the values of %r: %s", info.name, exc)
         return TensorValues(category)
     distinct = None
-    if category in ("int", "uint", "bool") and numel <= MAX_COUNTED:
+    if count:
         uniq, counts = np.unique(values, return_counts=True)
         if len(uniq) <= MAX_DISTINCT:
             distinct = list(zip(_python(uniq), [int(c) for c in counts], strict=True))

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from ckptscope import errors
 from ckptscope.config import Settings
 from ckptscope.http import problems
-from ckptscope.http.json_body import BodyTooLarge
 from ckptscope.insights.preview import PreviewError
 from ckptscope.insights.rules import RuleError
 from ckptscope.insights.spectrum import SpectrumError
@@ -56,7 +55,6 @@ ERRORS = {
     errors.SourceDenied: lambda: errors.SourceDenied("access denied: check AWS_ACCESS_KEY_ID"),
     errors.SourceUnreachable: lambda: errors.SourceUnreachable("the endpoint 127.0.0.1:9 did not answer"),
     errors.SourceChanged: lambda: errors.SourceChanged("s3://b/k changed since it was listed"),
-    BodyTooLarge: lambda: BodyTooLarge("request body exceeds the limit of 10 bytes"),
 }
 UPSTREAM = {errors.SourceUnreachable}  # the one error that is not the client's: a store that did not answer
 

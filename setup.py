@@ -9,6 +9,11 @@ again rebuilds it).
 
 import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -17,12 +22,31 @@ SOURCE = "ckptscope/stats/_kernel.c"
 source_sha = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()
 build_kernel = os.environ.get("CKPTSCOPE_BUILD_KERNEL", "1") != "0"
 
+
+def branch_padding() -> list[str]:
+    """``-Wa,-mbranches-within-32B-boundaries`` where the x86-64 toolchain takes it: the kernel's
+    short hot loops (pass 1's key counting) then never have a branch across a 32-byte boundary,
+    and their speed no longer depends on where the linker happens to put them (measured: the same
+    loop 0.8 to 1.5 ns per element from one build to another). Padding only: one build still runs
+    everywhere. Left out where a test compile refuses it (another assembler)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return []
+    named = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()  # as setuptools picks it
+    compiler = shutil.which(named[0]) if named else None
+    if compiler is None:
+        return []
+    flag = "-Wa,-mbranches-within-32B-boundaries"
+    probe = [compiler, flag, "-x", "c", "-c", "-", "-o", os.devnull]
+    done = subprocess.run(probe, input=b"int x;\n", capture_output=True, check=False)
+    return [flag] if done.returncode == 0 else []
+
+
 setup(
     ext_modules=[
         Extension(
             "ckptscope.stats._kernel",
             [SOURCE],
-            extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno"],
+            extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", *branch_padding()],
             define_macros=[("CKPTSCOPE_KERNEL_SOURCE_SHA256", f'"{source_sha}"')],
             optional=True,
         )

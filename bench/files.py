@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -75,3 +76,54 @@ def write_torch_copy(src: Path, dst: Path) -> Path:
     ckpt = open_checkpoint(src)
     write_torch_zip(dst, [OutputTensor(t.name, t) for t in ckpt.tensors], {})
     return dst
+
+
+def write_shards(src: Path, folder: Path, shards: int = 5) -> Path:
+    """The tensors of the safetensors file ``src`` split in file order into ``shards`` files of about
+    equal size, named as Hugging Face names them, with their ``model.safetensors.index.json``: the
+    same model as a sharded set. The bytes are copied (copy_file_range), not regenerated, so both
+    sets hold the same values. Returns the index."""
+    with open(src, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    data_start = 8 + length
+    metadata = header.pop("__metadata__", {})
+    names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    total = sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names)
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        if groups[-1] and filled >= total * len(groups) / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        filled += end - begin
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    with open(src, "rb") as source:
+        for i, group in enumerate(groups, 1):
+            shard = folder / f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            own: dict[str, object] = {"__metadata__": metadata}
+            offset = 0
+            for name in group:
+                begin, end = header[name]["data_offsets"]
+                own[name] = {**header[name], "data_offsets": [offset, offset + end - begin]}
+                offset += end - begin
+                weight_map[name] = shard.name
+            raw = json.dumps(own).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(shard, "wb") as out:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                out.flush()
+                begin = header[group[0]]["data_offsets"][0]  # a group is contiguous in src: one range
+                left = header[group[-1]]["data_offsets"][1] - begin
+                position = data_start + begin
+                while left:
+                    done = os.copy_file_range(source.fileno(), out.fileno(), left, position)
+                    if done == 0:
+                        raise OSError(f"{src} ended early")
+                    position += done
+                    left -= done
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return index

@@ -53,18 +53,28 @@ def list_torch_mmap(path: str) -> dict:
     return {"seconds": time.perf_counter() - t, "tensors": len(shapes)}
 
 
-def stats_ckptscope(path: str, device: str = "") -> dict:
-    """``device``: "" for the CPU kernel, or a torch device ("cuda") for the device engine."""
+def stats_ckptscope(path: str, device: str = "", extras: str = "1") -> dict:
+    """``device``: "" for the CPU kernel, or a torch device ("cuda") for the device engine.
+    ``extras`` "0": the moments and histogram alone (``compute_stats(..., extras=False)``: no
+    percentiles, log-magnitude histogram or digest); where the engine has no such argument yet the
+    answer is ``{"unavailable": why}`` instead of a time."""
+    import inspect
+
     import torch  # noqa: F401  (imported before the base measurement, like the others)
 
     from ckptscope.formats import open_checkpoint
     from ckptscope.stats.engine import compute_stats
 
+    if extras == "0" and "extras" not in inspect.signature(compute_stats).parameters:
+        return {"unavailable": "compute_stats() has no extras= argument in this checkout"}
     ckpt = open_checkpoint(path)
     if device:
         compute_stats(ckpt.tensors[:1], device=device)  # the CUDA context starts outside the timing
     t = time.perf_counter()
-    stats = compute_stats(ckpt.tensors, device=device or None)
+    if extras == "0":
+        stats = compute_stats(ckpt.tensors, device=device or None, extras=False)
+    else:  # the call a checkout from before extras= understands too
+        stats = compute_stats(ckpt.tensors, device=device or None)
     seconds = time.perf_counter() - t
     insight_seconds = 0.0
     try:  # the init verdicts and findings over the stats (absent in a baseline from before them)
@@ -124,7 +134,10 @@ def stats_naive(path: str) -> dict:
 
 
 def sum_pass(path: str) -> dict:
-    """The machine's limit: one torch sum() over the same bytes, mapped, no statistics."""
+    """The machine's limit: one torch ``sum()`` per tensor over the same bytes, no statistics. Each
+    file (each shard of a sharded set) is mapped read-only with ``mmap``; each tensor is a
+    ``torch.frombuffer`` view of its bytes in its own dtype, summed by torch's CPU reduction with
+    torch's default intra-op threads (``threads`` in the answer: one per core)."""
     import mmap
 
     import torch
@@ -132,15 +145,65 @@ def sum_pass(path: str) -> dict:
     from ckptscope.formats import open_checkpoint
 
     ckpt = open_checkpoint(path)
-    with open(path, "rb") as fh, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    maps: dict[str, mmap.mmap] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only
+        for x in ckpt.tensors:
+            name = str(x.storage.path)
+            if name not in maps:
+                with open(name, "rb") as fh:
+                    maps[name] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         t = time.perf_counter()
         acc = 0.0
         for x in ckpt.tensors:
-            acc += float(torch.frombuffer(mm, dtype=getattr(torch, x.dtype), count=x.numel, offset=x.data_offset).sum())
+            view = torch.frombuffer(
+                maps[str(x.storage.path)], dtype=getattr(torch, x.dtype), count=x.numel, offset=x.data_offset
+            )
+            acc += float(view.sum())
         seconds = time.perf_counter() - t
-    return {"seconds": seconds, "bytes": sum(x.nbytes for x in ckpt.tensors), "checksum": acc}
+    return {
+        "seconds": seconds,
+        "bytes": sum(x.nbytes for x in ckpt.tensors),
+        "elements": sum(x.numel for x in ckpt.tensors),
+        "threads": torch.get_num_threads(),
+        "checksum": acc,
+    }
+
+
+def h2d_pinned(path: str) -> dict:
+    """Pinned host-to-device copy bandwidth, the limit of the CUDA stats path: as many bytes as the
+    file's tensors hold, copied in 256 MiB pieces from one pinned buffer (one warm-up copy first)."""
+    import torch
+
+    from ckptscope.formats import open_checkpoint
+
+    total = sum(x.nbytes for x in open_checkpoint(path).tensors)
+    piece = min(total, 256 << 20)
+    host = torch.empty(piece, dtype=torch.uint8).pin_memory()
+    device = torch.empty(piece, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    left = total
+    while left > 0:
+        n = min(piece, left)
+        device[:n].copy_(host[:n], non_blocking=True)
+        left -= n
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t, "bytes": total}
+
+
+def inspect_modules(path: str) -> dict:
+    """``ckptscope inspect --json PATH`` run in this process (output discarded): whether it imported
+    torch, and the time of the command after the interpreter started."""
+    import contextlib
+
+    from ckptscope.cli import main as cli_main
+
+    t = time.perf_counter()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        code = cli_main(["inspect", "--json", path])
+    return {"seconds": time.perf_counter() - t, "exit": code, "imports_torch": "torch" in sys.modules}
 
 
 def export_half(path: str, out: str) -> dict:
@@ -165,13 +228,23 @@ def export_half(path: str, out: str) -> dict:
 
 TASKS = {
     f.__name__: f
-    for f in (list_ckptscope, list_safe_open, list_torch_mmap, stats_ckptscope, stats_naive, sum_pass, export_half)
+    for f in (
+        list_ckptscope,
+        list_safe_open,
+        list_torch_mmap,
+        stats_ckptscope,
+        stats_naive,
+        sum_pass,
+        h2d_pinned,
+        inspect_modules,
+        export_half,
+    )
 }
 
 
 def main() -> int:
     task, *args = sys.argv[1:]
-    if task.startswith(("stats", "sum", "export")):
+    if task.startswith(("stats", "sum", "export", "h2d")):
         import torch  # noqa: F401  (the baseline is "after importing torch")
     _reset_peak()
     base = _status("VmRSS")

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
-import json
-import logging
 import os
-import signal
 import sys
-import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +27,14 @@ from ckptscope.cli_exits import (
 )
 from ckptscope.cli_output import say, stats_progress, stdout_console, whole_writes_stdout, write_atomically, write_json
 from ckptscope.errors import CkptscopeError, Invalid
-from ckptscope.stats.model import STATISTICS
 from ckptscope.text import make_storable, reveal, storable_text
 from ckptscope.units import human_bytes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the module's own imports stay few and light: ``--help`` is argparse and nothing else
+    import logging
+    import typing
+    from collections.abc import Iterator
+
     from ckptscope.formats import Checkpoint
     from ckptscope.insights.findings import Thresholds
 
@@ -117,8 +114,12 @@ def _fmt(value: Any) -> str:
 
 
 def _print_inspection(data: dict[str, Any]) -> None:
+    import json
+
     from rich.table import Table
     from rich.tree import Tree
+
+    from ckptscope.stats.model import STATISTICS
 
     console = stdout_console()
     console.print(
@@ -246,6 +247,7 @@ def _sha256(path: str, listing: Checkpoint | None = None) -> str:
     """A file's sha256; for a folder, the digest of its files' names and hashes (the rule of a
     multi-file upload's content key), over the files the listing was read from."""
     import hashlib
+    import json
 
     if listing is not None and _reader(listing) is not None:  # an object store's: its listed identities
         objects = sorted([url, ref_identity[1].to_json()] for url, ref_identity in _reader(listing).objects.items())
@@ -275,6 +277,8 @@ def _format_for_output(path: str, requested: str | None) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ckptscope.services.operations import (
         dequantized,
         dequantized_text,
@@ -309,6 +313,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_copy(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ckptscope.services.identity import CopyNotVerified, verify_written
     from ckptscope.services.operations import copy_metadata, copy_report, output_format_for, write_checkpoint
 
@@ -573,6 +579,9 @@ def _not_a_shutdown_cancel(record: logging.LogRecord) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
     import uvicorn
 
     from ckptscope import logs
@@ -586,7 +595,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logs.configure()
     log = logging.getLogger("ckptscope")
     if settings.stats_device:
-        from ckptscope.stats.torch_engine import resolve_device
+        from ckptscope.stats.devices import resolve_device
 
         try:
             resolve_device(settings.stats_device)
@@ -827,17 +836,25 @@ def _run(args: argparse.Namespace) -> int:
         return status
 
 
+def _quiet_package_log() -> None:
+    """A command's answer is its one stderr line; the sandbox's log lines stay out (serve configures
+    logging). Done once the arguments parsed, so ``--help`` never imports logging."""
+    import logging
+
+    package_log = logging.getLogger("ckptscope")
+    if not any(isinstance(h, logging.NullHandler) for h in package_log.handlers):
+        package_log.addHandler(logging.NullHandler())
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     whole_writes_stdout()  # `| head`: a closed pipe always shows, and always as exit 141
-    # a command's answer is its one stderr line; the sandbox's log lines stay out (serve configures logging)
-    package_log = logging.getLogger("ckptscope")
-    if not any(isinstance(h, logging.NullHandler) for h in package_log.handlers):
-        package_log.addHandler(logging.NullHandler())
     try:
-        return _run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)  # --help, --version and usage errors end here
+        _quiet_package_log()
+        return _run(args)
     except BrokenPipeError:  # stdout's reader has gone (`| head`): the Python docs' SIGPIPE recipe
         silence_stdout()
         return CLOSED_PIPE

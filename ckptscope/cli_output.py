@@ -8,7 +8,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,6 +86,8 @@ def write_atomically(out: str, write: Callable[[Path], object], *, make_parents:
     (no such folder, no permission, a full disk) leaves neither a partial file nor the temporary
     one, and ends the command with ``ckptscope: cannot write OUT: reason`` (exit 4). ``write``'s
     own refusals (CkptscopeError: an unstorable dtype, a copy that does not verify) pass through."""
+    import tempfile  # here, not at the top: ``ckptscope --help`` imports it otherwise (shutil, random)
+
     target = Path(out)
     temp: str | None = None
     try:

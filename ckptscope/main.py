@@ -28,6 +28,7 @@ from ckptscope.http.auth import has_bearer, has_session, is_open
 from ckptscope.http.csrf import CsrfCookie
 from ckptscope.http.guards import AllowedHosts, BodyLimit, SameOrigin
 from ckptscope.http.service_routes import router as service_router
+from ckptscope.http.uploads import UploadBodyPassage
 from ckptscope.web.routes import router as web_router
 from ckptscope.web.templating import RENDERER, STATIC_DIR
 
@@ -195,4 +196,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return response
 
+    app.add_middleware(UploadBodyPassage)  # outermost: an upload's body skips the layers above
     return app

@@ -2,13 +2,16 @@
 
     python -m fuzz.fuzz_kernel [libFuzzer flags] [CORPUS_DIR ...]
 
-Each input is decoded (``atheris.FuzzedDataProvider``) into one ``pass1`` or ``pass2`` call: the
-values as raw bit patterns or picked floats (NaN, +-Inf, the float32/float64 extremes, denormals,
-values far outside [lo, hi]), tiled past the kernel's 2048-value blocks; the buffer as bytes, a
+Each input is decoded (``atheris.FuzzedDataProvider``) into one ``pass1``, ``pass2`` or ``convert``
+call of one dtype code (any of ``DTYPES``, mostly float32/float64, or an unknown code, a huge one
+or not an int): the values as raw bit patterns or picked values (NaN, +-Inf, the float32/float64
+extremes, denormals, values far outside [lo, hi]; for the other dtypes their NaN/Inf patterns and
+integer extremes), tiled past the kernel's 2048-value blocks; the buffer as bytes, a
 bytearray, an array, a read-only, misaligned, non-contiguous or wrongly typed view, or the last
 (or first) bytes of a mapping next to a PROT_NONE page, so a read or write one byte past either end
 faults at once even without ASan; the count exact, off by a few, negative, huge, wrapping
-``count * itemsize`` round to the buffer's length, or not an int; ``pass2``'s mean/lo/scale from
+``count * itemsize`` round to the buffer's length (for 1-, 2-, 4- and 8-byte dtypes), or not an
+int; pass 1's keys also empty (no key bins: the moments only); ``pass2``'s mean/lo/scale from
 the values (as the engine computes them) or arbitrary (NaN, Inf, negative, out-of-range ints). The
 count buffers (pass 1's 65536 ``keys``, pass 2's 64-bin histogram and its ``sub`` counts) come the
 right size or not, writable or not, misaligned (refused: int64 counts are stored through an
@@ -23,7 +26,11 @@ more, not a whole number of values, misaligned, read-only; ``collected`` the val
 A call must return or raise ValueError/TypeError/OverflowError (or, for a strided values or lut
 view, the BufferError CPython's argument parsing passes on for ``y*``), and it must return exactly
 when the arguments are valid (returning for a buffer shorter than ``count`` values means it read
-past it). A returned result must match a plain-Python reference: pass 1's counts, min and max
+past it). The values are compared in the compute width (float64 for float64 and the integer and
+bool dtypes, float32 for the others), converted by a numpy/Python reference of torch's conversion
+(float16 NaNs quieted, float8_e4m3fn from its formula, bool any non-zero byte as 1); ``convert``
+must write exactly those bits. A returned result must match a plain-Python reference: pass 1's
+counts, min and max
 exactly, its sum within rounding, its key counts bin for bin (the key: the value's bits with the
 sign folded, negative -> every bit flipped, positive -> the sign bit set; its top 16 bits); pass 2's
 histogram bin for bin (so the counts add up to the values added and none is negative), its centred
@@ -88,6 +95,62 @@ EXPECTED = (ValueError, TypeError, OverflowError)
 STRIDED_VALUES = BufferError
 SSIZE_MAX = 2**63 - 1
 CANARY = 0xA5
+
+
+def _e4m3fn(byte: int) -> int:
+    """float8_e4m3fn's float32 bits, from the format (not from the kernel's formula): no Inf,
+    S.1111.111 is NaN (c10 gives it the bits 0x7FF00000 with the sign)."""
+    sign, exp, mant = byte >> 7, (byte >> 3) & 0xF, byte & 7
+    if exp == 15 and mant == 7:
+        return (sign << 31) | 0x7FF00000
+    value = math.ldexp(mant / 8, -6) if exp == 0 else math.ldexp(1 + mant / 8, exp - 7)
+    return int(np.array([-value if sign else value], np.float32).view(np.uint32)[0])
+
+
+E4M3FN_BITS = np.array([_e4m3fn(b) for b in range(256)], np.uint32)
+
+
+def _f16_to_f32_bits(halves: np.ndarray) -> np.ndarray:
+    """torch's float16 -> float32: numpy's conversion, with a NaN quieted as c10 and F16C do."""
+    out = halves.view(np.float16).astype(np.float32).view(np.uint32)
+    return np.where(np.isnan(out.view(np.float32)), out | np.uint32(0x00400000), out)
+
+
+def _to_compute(code: int, raw: bytes) -> bytes:
+    """The bytes of the values of ``raw`` (stored as ``code``) in the compute width."""
+    kind = DTYPE_KINDS[code]
+    if kind in ("f", "d"):
+        return raw
+    if kind == "bf16":
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << np.uint32(16)).tobytes()
+    if kind == "f16":
+        return _f16_to_f32_bits(np.frombuffer(raw, np.uint16)).tobytes()
+    if kind == "e5m2":
+        return _f16_to_f32_bits(np.frombuffer(raw, np.uint8).astype(np.uint16) << np.uint16(8)).tobytes()
+    if kind == "e4m3fn":
+        return E4M3FN_BITS[np.frombuffer(raw, np.uint8)].tobytes()
+    if kind == "bool":
+        return (np.frombuffer(raw, np.uint8) != 0).astype(np.float64).tobytes()
+    return np.frombuffer(raw, np.dtype(kind)).astype(np.float64).tobytes()
+
+
+# code -> how it is stored: "f"/"d" (float32/float64), "f16", "bf16", "e4m3fn", "e5m2", "bool" or a
+# numpy integer dtype name; its item size; whether it computes in float64
+DTYPE_KINDS = {
+    0: "f", 1: "d", 2: "f16", 3: "bf16", 4: "e4m3fn", 5: "e5m2", 6: "int8", 7: "uint8", 8: "int16",
+    9: "uint16", 10: "int32", 11: "uint32", 12: "int64", 13: "uint64", 14: "bool",
+}  # fmt: skip
+ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 2, 4: 1, 5: 1, 6: 1, 7: 1, 8: 2, 9: 2, 10: 4, 11: 4, 12: 8, 13: 8, 14: 1}
+COMPUTES_DOUBLE = {c: c == 1 or c >= 6 for c in DTYPE_KINDS}
+# stored bit patterns worth trying per item size (NaN, Inf, zeros, extremes of the integers)
+PATTERNS = {
+    1: [0x00, 0x01, 0x7F, 0x80, 0xFF, 0x7E, 0xFE, 0x7C, 0xFC, 0x08, 0x07],
+    2: [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7C01, 0x7E00, 0xFE00, 0x7F80, 0xFF80, 0x7F81, 0x7FC0, 0x0001,
+        0x03FF, 0x0080, 0x007F, 0x3F80, 0x3C00, 0x7BFF, 0x7F7F, 0xFFFF, 0x7FFF],
+    4: [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x3F800000],
+    8: [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**53 + 1, 2**63 - 2**10 + 1, 0x7FF0000000000000, 0x3FF0000000000000],
+}  # fmt: skip
+BAD_DTYPES: list[Any] = [-1, 15, 16, 255, 2**31, -(2**31) - 1, 2**63, 1.0, None, "float32", True, False]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -221,11 +284,32 @@ def f32(values: list[float]) -> list[float]:
 
 
 @instrument
-def make_values(fdp: atheris.FuzzedDataProvider, is_double: bool) -> bytes:
-    item = 8 if is_double else 4
+def make_dtype(fdp: atheris.FuzzedDataProvider) -> tuple[Any, int | None]:
+    """The dtype argument and the code it stands for (None: the kernel must refuse it)."""
+    kind = fdp.ConsumeIntInRange(0, 15)
+    if kind <= 5:  # float32/float64, the codes of the engine's old bool
+        return (kind % 2, kind % 2) if kind < 4 else (bool(kind % 2), kind % 2)
+    if kind <= 13:
+        code = fdp.ConsumeIntInRange(2, 14)
+        return code, code
+    bad = fdp.PickValueInList(BAD_DTYPES)
+    return bad, (int(bad) if type(bad) is bool else None)
+
+
+@instrument
+def make_values(fdp: atheris.FuzzedDataProvider, code: int) -> bytes:
+    item = ITEMSIZE[code]
     mode = fdp.ConsumeIntInRange(0, 2)
     if mode == 0:  # raw bit patterns: every NaN payload, denormal, odd length
         raw = bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 512)))
+    elif code > 1:  # another dtype: its interesting patterns and random ones
+        words = []
+        for _ in range(fdp.ConsumeIntInRange(0, 48)):
+            if fdp.ConsumeBool():
+                words.append(fdp.PickValueInList(PATTERNS[item]))
+            else:
+                words.append(fdp.ConsumeIntInRange(0, 2 ** (8 * item) - 1))
+        raw = b"".join(w.to_bytes(item, "little") for w in words)
     else:
         values = []
         for _ in range(fdp.ConsumeIntInRange(0, 48)):
@@ -235,7 +319,7 @@ def make_values(fdp: atheris.FuzzedDataProvider, is_double: bool) -> bytes:
                 values.append(fdp.ConsumeRegularFloat())
             else:
                 values.append(fdp.ConsumeFloat())
-        raw = array("d" if is_double else "f", values).tobytes()
+        raw = array("d" if code == 1 else "f", values).tobytes()
     repeat = int(fdp.PickValueInList(REPEATS))
     if raw and len(raw) * repeat > MAX_VALUES * item:
         repeat = max(1, MAX_VALUES * item // len(raw))
@@ -243,7 +327,7 @@ def make_values(fdp: atheris.FuzzedDataProvider, is_double: bool) -> bytes:
 
 
 @instrument
-def make_buffer(fdp: atheris.FuzzedDataProvider, raw: bytes, is_double: bool) -> Any:
+def make_buffer(fdp: atheris.FuzzedDataProvider, raw: bytes, item: int) -> Any:
     kind = fdp.ConsumeIntInRange(0, 11)
     if kind == 0:
         return bytes(raw)
@@ -256,7 +340,8 @@ def make_buffer(fdp: atheris.FuzzedDataProvider, raw: bytes, is_double: bool) ->
         holder = bytearray(off) + bytearray(raw)
         return memoryview(holder)[off:]
     if kind == 4:  # an array of the right (or another) element type
-        for code in ("d", "f") if is_double else ("f", "d"):
+        typecodes = {1: "b", 2: "h", 4: "f", 8: "d"}
+        for code in (typecodes[item], "d", "f", "h"):
             if len(raw) % array(code).itemsize == 0 and fdp.ConsumeBool():
                 return array(code, raw)
         return array("B", raw)
@@ -598,14 +683,23 @@ def values_valid(buffer: Any, count: Any, item: int) -> tuple[bool, bytes | None
     return bool(ok and n is not None and data is not None and n * item == len(data)), data
 
 
+def empty_writable(obj: Any) -> bool:
+    """An empty writable contiguous buffer: pass 1 then counts no key bins (alignment unchecked)."""
+    return is_contiguous_buffer(obj, True) and raw_bytes(obj) == b""
+
+
 @instrument
-def call_pass1(fdp: atheris.FuzzedDataProvider, buffer: Any, count: Any, is_double: bool, valid: bool) -> None:
+def call_pass1(
+    fdp: atheris.FuzzedDataProvider, buffer: Any, count: Any, dtype: Any, wide: bytes | None, is_double: bool,
+    valid: bool,
+) -> None:  # fmt: skip
     snapshot = raw_bytes(buffer)
-    vals = array("d" if is_double else "f", snapshot).tolist() if valid and snapshot is not None else []
-    keys = make_counts(fdp, KEY_BINS, GUARDED_KEYS)
-    valid1 = valid and keys.writable_counts(KEY_BINS)
+    vals = array("d" if is_double else "f", wide).tolist() if valid and wide is not None else []
+    keys = Region(bytearray()) if fdp.ConsumeIntInRange(0, 5) == 0 else make_counts(fdp, KEY_BINS, GUARDED_KEYS)
+    keyed = keys.writable_counts(KEY_BINS)
+    valid1 = valid and (keyed or empty_writable(keys.obj))
     try:
-        result = KERNEL.pass1(buffer, count, is_double, keys.obj)
+        result = KERNEL.pass1(buffer, count, dtype, keys.obj)
     except Exception as exc:
         if not allowed(exc, buffer):
             raise
@@ -617,11 +711,49 @@ def call_pass1(fdp: atheris.FuzzedDataProvider, buffer: Any, count: Any, is_doub
         if not valid1:
             raise Finding(f"pass1 returned {result!r} for an invalid call (count {count!r})")
         check_pass1(result, vals)
-        check_keys(keys, key_bins(snapshot or b"", is_double)[0])
+        check_keys(keys, key_bins(wide or b"", is_double)[0] if keyed else [])
     if not keys.canaries_intact():
         raise Finding("pass1 wrote outside the key counts buffer")
     if raw_bytes(buffer) != snapshot:
         raise Finding("pass1 wrote into the values buffer")
+
+
+@instrument
+def call_convert(
+    fdp: atheris.FuzzedDataProvider, buffer: Any, count: Any, dtype: Any, wide: bytes | None, item: int,
+    valid: bool,
+) -> None:  # fmt: skip
+    """``convert`` writes exactly the reference's compute-width bits, and nothing for a refused call."""
+    snapshot = raw_bytes(buffer)
+    want = wide if valid and wide is not None else b""
+    delta = fdp.PickValueInList([0, 0, 0, 0, -1, 1, -item, item])
+    size = max(0, len(want) + delta) if valid else fdp.ConsumeIntInRange(0, 64)
+    kind = fdp.ConsumeIntInRange(0, 5)
+    if kind == 0:
+        out = Region(bytes(fill(size)))  # read-only
+    elif kind == 1:
+        out = Region(GUARDED_OUT.holding(fill(min(size, (MAX_VALUES + 2048) * 8)), at_end=fdp.ConsumeBool()))
+    else:
+        out = in_canaries(fdp, fill(size), misalign=kind == 2)
+    valid_c = valid and is_contiguous_buffer(out.obj, True) and len(out.before or b"") == len(want)
+    try:
+        KERNEL.convert(buffer, count, dtype, out.obj)
+    except Exception as exc:
+        if not allowed(exc, buffer):
+            raise
+        if valid_c:
+            raise Finding(f"convert refused a valid call: {type(exc).__name__}: {exc}") from exc
+        if not out.unchanged():
+            raise Finding("convert wrote into the out buffer of a call it refused") from exc
+    else:
+        if not valid_c:
+            raise Finding(f"convert returned for an invalid call (count {count!r}, out {len(out.before or b'')})")
+        if raw_bytes(out.obj) != want:
+            raise Finding(f"convert wrote {raw_bytes(out.obj)!r}, expected {want!r}")
+    if not out.canaries_intact():
+        raise Finding("convert wrote outside the out buffer")
+    if raw_bytes(buffer) != snapshot:
+        raise Finding("convert wrote into the values buffer")
 
 
 @instrument
@@ -670,15 +802,23 @@ def check_percentiles(
 @instrument
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    second = fdp.ConsumeBool()
-    is_double = fdp.ConsumeBool()
-    item = 8 if is_double else 4
-    raw = make_values(fdp, is_double)
-    buffer = make_buffer(fdp, raw, is_double)
+    which = fdp.ConsumeIntInRange(0, 4)  # 0, 1: pass 1; 2, 3: pass 2; 4: convert
+    dtype, code = make_dtype(fdp)
+    stored_as = code if code is not None else fdp.ConsumeIntInRange(0, 14)  # an unknown code: any values
+    is_double = COMPUTES_DOUBLE[stored_as]
+    item, citem = ITEMSIZE[stored_as], 8 if is_double else 4
+    raw = make_values(fdp, stored_as)
+    buffer = make_buffer(fdp, raw, item)
     count = make_count(fdp, len(raw_bytes(buffer) or b""), item)
-    valid, snapshot = values_valid(buffer, count, item)
-    if not second:
-        call_pass1(fdp, buffer, count, is_double, valid)
+    valid, stored = values_valid(buffer, count, item)
+    valid = valid and code is not None
+    # the values in the compute width, as the kernel must see them
+    snapshot = _to_compute(stored_as, stored) if valid and stored is not None else None
+    if which <= 1:
+        call_pass1(fdp, buffer, count, dtype, snapshot, is_double, valid)
+        return
+    if which == 4:
+        call_convert(fdp, buffer, count, dtype, snapshot, citem, valid)
         return
     vals = array("d" if is_double else "f", snapshot).tolist() if valid and snapshot is not None else []
 
@@ -702,9 +842,9 @@ def test_one_input(data: bytes) -> None:
         else []
     )
     prefix = fdp.ConsumeIntInRange(0, 8)
-    out = make_out(fdp, prefix, len(wanted), item)
+    out = make_out(fdp, prefix, len(wanted), citem)
     out_len = len(out.before) if out.before is not None else 0
-    collected = make_collected(fdp, prefix, out_len // item)
+    collected = make_collected(fdp, prefix, out_len // citem)
     most = max(lut_bytes) if full_lut and lut_bytes is not None else fdp.ConsumeIntInRange(0, 1)
     sub = make_counts(fdp, min(most, SUB_MOST) * KEY_BINS, GUARDED_SUB)
 
@@ -729,14 +869,14 @@ def test_one_input(data: bytes) -> None:
     elif not full_lut or KEY_BINS - lut_bytes.count(0) > MAX_WANTED:
         wanted_ok = False
     elif out_len:
-        wanted_ok = out_len % item == 0 and -1 <= ncollected <= out_len // item
+        wanted_ok = out_len % citem == 0 and -1 <= ncollected <= out_len // citem
     else:
         wanted_ok = sub.writable_counts(most * KEY_BINS)
     valid2 = valid and hist.writable_counts(BINS) and params_ok and wanted_ok
     written = (hist, out, sub)
     try:
         result = KERNEL.pass2(
-            buffer, count, is_double, dirty, mean, lo, scale, hist.obj, lut.obj, out.obj, collected, sub.obj
+            buffer, count, dtype, dirty, mean, lo, scale, hist.obj, lut.obj, out.obj, collected, sub.obj
         )
     except Exception as exc:
         if not allowed(exc, buffer, lut.obj):
@@ -759,13 +899,13 @@ def test_one_input(data: bytes) -> None:
             raise Finding(f"pass2 added {sum(added)} counts (some negative: {min(added) < 0}), expected {sum(want)}")
         if added != want:
             raise Finding(f"pass2 histogram {added}, expected {want}")
-        check_percentiles(got, lut_bytes, wanted, snapshot, item, (tops, nexts), out, ncollected, sub)
+        check_percentiles(got, lut_bytes, wanted, snapshot, citem, (tops, nexts), out, ncollected, sub)
     for region, what in zip((hist, lut, out, sub), ("histogram", "lut", "out", "sub"), strict=True):
         if not region.canaries_intact():
             raise Finding(f"pass2 wrote outside the {what} buffer")
     if not lut.unchanged():
         raise Finding("pass2 wrote into the lut")
-    if hist.obj is not buffer and raw_bytes(buffer) != snapshot:
+    if hist.obj is not buffer and raw_bytes(buffer) != stored:
         raise Finding("pass2 wrote into the values buffer")
 
 

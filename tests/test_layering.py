@@ -74,6 +74,28 @@ def test_domain_rooms_never_import_the_faces_services_jobs_or_fastapi():
                 assert _room(name) not in FACES | {"services", "jobs", "core"}, f"{module} imports {name}"
 
 
+def test_readers_stats_and_insights_never_reach_the_catalogue():
+    """What lets scripts/test.sh leave their tests out of the PostgreSQL pass."""
+    for module, imports in _graph().items():
+        if _room(module) not in {"formats", "stats", "insights"}:
+            continue
+        for name, _ in imports:
+            assert not name.startswith(("sqlalchemy", "ckptscope.store", "ckptscope.config")), (
+                f"{module} imports {name}"
+            )
+
+
+def test_the_cpu_stats_path_never_imports_torch_at_module_level():
+    """torch is imported where a torch-op engine, a spectrum or a writer's cast runs, never on import
+    of the readers or the stats engine (tests/stats/test_torch_free.py runs it without torch)."""
+    allowed = {"ckptscope.stats.torch_engine", "ckptscope.stats.compare", "ckptscope.formats.tensor_views"}
+    for module, imports in _graph().items():
+        if _room(module) not in {"formats", "stats"} or module in allowed:
+            continue
+        for name, top in imports:
+            assert not (top and (name == "torch" or name.startswith("torch."))), f"{module} imports {name}"
+
+
 def test_the_faces_do_not_import_each_other():
     for module, imports in _graph().items():
         room = _room(module)

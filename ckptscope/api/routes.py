@@ -25,10 +25,9 @@ from ckptscope.services import identity as identity_svc
 from ckptscope.services import insights as insights_svc
 from ckptscope.services import references
 from ckptscope.services.inspect import parameter_of, tensor_record
-from ckptscope.stats.model import TensorStats
 from ckptscope.store.catalogue import Checkpoint, Content, Job, JobState, StatsState
 
-from . import schemas
+from . import schemas, tensor_rows
 
 router = APIRouter(prefix="/api/v1", tags=["checkpoints"])
 
@@ -290,10 +289,14 @@ def list_tensors(
     unchanged = validators.not_modified(request)
     if unchanged is not None:
         return unchanged
-    page = svc.tensor_page(
-        core,
+    head = {"offset": offset, "limit": limit, "stats_state": content.stats_state}
+    # written from the catalogue's columns (tensor_rows.py: the stored histograms are copied, not
+    # parsed and encoded again; the rows of finished stats are kept); the schema above documents it
+    body = tensor_rows.page_json(
+        core.queries,
         content,
         root,
+        head=head,
         prefix=prefix,
         search=search,
         kind=kind,
@@ -303,30 +306,7 @@ def list_tensors(
         offset=offset,
         limit=limit,
     )
-    types = module_types_under(content.module_types or {}, root)
-    # built as plain JSON (the schema above documents it): validating thousands of rows through
-    # pydantic again would double the time of a page of stats
-    return JSONResponse(
-        headers=validators.headers(),
-        content={
-            "root": root,
-            "total": page.total,
-            "offset": offset,
-            "limit": limit,
-            "stats_state": content.stats_state,
-            "tensors": [
-                tensor_record(t, s, parameter_of(content.param_of, root, t.name))
-                | {"stats": _page_stats(s), "init": insights_svc.init_json(t, s, types)}
-                for t, s in page.rows
-            ],
-        },
-    )
-
-
-def _page_stats(stats: TensorStats | None) -> dict[str, Any] | None:
-    """A page row's stats: all but the magnitude histogram, which the tensor's own endpoint has (it
-    is about half of a row, and a page is read for its table)."""
-    return None if stats is None else stats.to_json(with_log_hist=False)
+    return Response(body, media_type="application/json", headers=validators.headers())
 
 
 # The preview and spectrum routes come before /tensors/{name:path}, which would otherwise take

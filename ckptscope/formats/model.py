@@ -176,6 +176,13 @@ class TensorInfo(NamedTuple):
         return self._replace(name=name, alias_of=alias_of)
 
 
+# TensorInfo's fields after ``kind`` at their defaults: a reader's hot loop builds a plain tensor
+# as ``tuple.__new__(TensorInfo, (name, dtype, shape, stride, offset, storage, kind, *PLAIN_DEFAULTS))``,
+# the tuple NamedTuple's own ``__new__`` makes, without its Python-level call per tensor
+_AFTER_KIND: tuple[str, ...] = TensorInfo._fields[TensorInfo._fields.index("kind") + 1 :]
+PLAIN_DEFAULTS: tuple[Any, ...] = tuple(TensorInfo._field_defaults[f] for f in _AFTER_KIND)
+
+
 class Quantization(NamedTuple):
     """How a torch quantized tensor's integers map to values: x = (q - zero_point) * scale, per
     tensor, or per channel along ``axis`` with the scales and zero points as tensors of the file."""

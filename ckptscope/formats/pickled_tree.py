@@ -100,6 +100,9 @@ def _walk(obj: Any, module_types: dict[str, str]) -> Iterator[_Leaf]:
             raise CheckpointError("limit_exceeded", f"checkpoint object has more than {MAX_LEAVES} entries")
         if len(path) > MAX_NESTING:
             raise CheckpointError("corrupt_pickle", "checkpoint object nests too deeply")
+        if node.__class__ is PickledTensor:  # most leaves: none of the container tests below apply
+            yield leaf
+            continue
         if isinstance(node, dict | list | tuple | InertObject | PickledModule) and node:
             seen = visits[id(node)] = visits.get(id(node), 0) + 1
             if seen > MAX_SHARED_VISITS:
@@ -281,6 +284,8 @@ def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str
     metadata: dict[str, Any] = {}
     bearing: dict[str, int] = {}
     module_types: dict[str, str] = {}
+    # the roots a tensor counts towards follow from its parent's path: worked out once per parent
+    prefixes_of: dict[tuple[tuple[str, ...], int | None], list[str]] = {}
     if isinstance(obj, PickledTensor):
         obj = {"tensor": obj}
     for leaf in _walk(obj, module_types):
@@ -288,11 +293,14 @@ def build_checkpoint(obj: Any, fmt: str, locate: StorageLocator, files: list[str
         name = ".".join(path)
         if isinstance(value, PickledTensor):
             leaves.append((leaf, _tensor_info(name, value, locate, files), value.is_parameter))
-            deepest = min(len(path) - 1, MAX_ROOT_DEPTH)
-            if leaf.root_limit is not None:
-                deepest = min(deepest, leaf.root_limit)
-            for depth in range(0, deepest + 1):
-                prefix = ".".join(path[:depth])
+            parent = (path[:-1], leaf.root_limit)
+            prefixes = prefixes_of.get(parent)
+            if prefixes is None:
+                deepest = min(len(path) - 1, MAX_ROOT_DEPTH)
+                if leaf.root_limit is not None:
+                    deepest = min(deepest, leaf.root_limit)
+                prefixes = prefixes_of[parent] = [".".join(path[:depth]) for depth in range(0, deepest + 1)]
+            for prefix in prefixes:
                 bearing[prefix] = bearing.get(prefix, 0) + 1
         elif len(metadata) < MAX_METADATA_ITEMS:
             metadata[name or "value"] = plain_value(value)

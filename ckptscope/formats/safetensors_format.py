@@ -18,8 +18,10 @@ from ckptscope.errors import CheckpointError
 from .gc_pause import paused_gc
 from .model import (
     MAX_DIMS,
+    PLAIN_DEFAULTS,
     SAFETENSORS_DTYPES,
     Checkpoint,
+    DType,
     RootInfo,
     StorageRef,
     TensorInfo,
@@ -94,13 +96,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, 8 + header_len, file_size
 
 
-def _shape(name: str, value: Any) -> tuple[int, ...]:
+def _bad_shape(name: str, value: Any) -> CheckpointError:
     if value.__class__ is not list or len(value) > MAX_DIMS:
-        raise _bad(f"tensor {name!r} has a malformed shape")
-    for v in value:
-        if v.__class__ is not int or v < 0:
-            raise _bad(f"tensor {name!r} has a negative or non-integer dimension")
-    return tuple(value)
+        return _bad(f"tensor {name!r} has a malformed shape")
+    return _bad(f"tensor {name!r} has a negative or non-integer dimension")
 
 
 def _metadata(value: Any) -> dict[str, str]:
@@ -126,6 +125,9 @@ def _json_type(value: Any) -> str:
 
 
 def read_safetensors(path: str | Path) -> Checkpoint:
+    """The listing from the header. The loop below is the hot path of a 20,000-tensor listing:
+    each entry's checks are spelled inline, and what follows from (dtype, shape) alone (the
+    dtype record, the element count, the stride) is worked out once per distinct pair."""
     path = as_path(path)
     header, data_start, file_size = read_header(path)
     raw_meta = _metadata(header.pop("__metadata__", None))
@@ -134,29 +136,42 @@ def read_safetensors(path: str | Path) -> Checkpoint:
     data_size = file_size - data_start
     tensors: list[TensorInfo] = []
     spans: list[tuple[int, int, str]] = []
+    add_tensor, add_span = tensors.append, spans.append
     spath = str(path)
+    # (dtype code, shape) -> (DType, shape tuple, stride, nbytes); shapes hold only exact ints
+    # (checked before an entry goes in), so a bool dimension never finds an int shape's entry
+    layouts: dict[tuple[Any, ...], tuple[DType, tuple[int, ...], tuple[int, ...], int]] = {}
+    new_tensor, new_storage = tuple.__new__, tuple.__new__
     for name, entry in header.items():
         if entry.__class__ is not dict:
             raise _bad(f"tensor {name!r} header entry is not an object")
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        code, dims = entry.get("dtype"), entry.get("shape")
+        dtype = SAFETENSORS_DTYPES.get(code)  # type: ignore[arg-type]
         if dtype is None:
-            raise CheckpointError(
-                "unsupported_dtype", f"tensor {name!r} has unsupported dtype {str(entry.get('dtype'))[:40]!r}"
-            )
-        shape = _shape(name, entry.get("shape"))
+            raise CheckpointError("unsupported_dtype", f"tensor {name!r} has unsupported dtype {str(code)[:40]!r}")
+        if dims.__class__ is not list or len(dims) > MAX_DIMS:
+            raise _bad_shape(name, dims)
+        for v in dims:
+            if v.__class__ is not int or v < 0:
+                raise _bad_shape(name, dims)
+        key = (code, *dims)
+        layout = layouts.get(key)
+        if layout is None:
+            shape = tuple(dims)
+            layout = layouts[key] = (dtype, shape, contiguous_stride(shape), math.prod(shape) * dtype.itemsize)
+        dtype, shape, stride, nbytes = layout
         offsets = entry.get("data_offsets")
         if offsets.__class__ is not list or len(offsets) != 2:
             raise _bad(f"tensor {name!r} has data offsets outside the file")
         begin, end = offsets
         if begin.__class__ is not int or end.__class__ is not int or not 0 <= begin <= end <= data_size:
             raise _bad(f"tensor {name!r} has data offsets outside the file")
-        if math.prod(shape) * dtype.itemsize != end - begin:
+        if nbytes != end - begin:
             raise _bad(f"tensor {name!r}: shape {list(shape)} of {dtype.name} does not match its {end - begin} bytes")
-        spans.append((begin, end, name))
-        storage = StorageRef(spath, data_start + begin, end - begin, name)
-        tensors.append(
-            TensorInfo(name, dtype.name, shape, contiguous_stride(shape), 0, storage, tensor_kind(name, dtype.name))
-        )
+        add_span((begin, end, name))
+        storage = new_storage(StorageRef, (spath, data_start + begin, nbytes, name))
+        kind = tensor_kind(name, dtype.name)
+        add_tensor(new_tensor(TensorInfo, (name, dtype.name, shape, stride, 0, storage, kind, *PLAIN_DEFAULTS)))
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:

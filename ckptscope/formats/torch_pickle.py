@@ -368,6 +368,9 @@ def role_of(key: tuple[str, str]) -> str:
     return "object" if key[1][:1].isupper() else "call"
 
 
+_FUNCTION_ROLES = {key: role_of(key) for key in _FUNCTIONS}  # _call's, looked up once per call
+
+
 def _module_class(func: Any, roles: Roles) -> tuple[str, str] | None:
     """The class of a module pickled in the legacy format, where ``torch.save(model)`` records each
     nn.Module class as a persistent id ("module", class, source file, source code)."""
@@ -480,7 +483,10 @@ class _Interpreter:
             return known
         if depth > MAX_NESTING:
             raise _bad("the checkpoint object nests too deeply")
-        self.budget.spend()
+        budget = self.budget
+        budget.left -= 1  # budget.spend(), without a call per node
+        if budget.left < 0:
+            budget.spend(0)
         handler = _HANDLERS.get(kind)
         out = handler(self, node, depth + 1) if handler is not None else f"<{kind.__name__}>"  # bytearray: inert
         self._done[key] = out
@@ -491,7 +497,7 @@ class _Interpreter:
         self._done[id(node)] = out  # a list may contain itself
         self.budget.spend(len(node))
         value = self.value
-        out.extend(v if type(v) in _PLAIN else value(v, depth) for v in node)
+        out.extend([v if type(v) in _PLAIN else value(v, depth) for v in node])
         return out
 
     def _dict(self, node: dict[Any, Any], depth: int) -> dict[Any, Any]:
@@ -515,7 +521,7 @@ class _Interpreter:
         else:
             return node  # shapes, strides: as they are
         value = self.value
-        return tuple(v if type(v) in _PLAIN else value(v, depth) for v in node)
+        return tuple([v if type(v) in _PLAIN else value(v, depth) for v in node])
 
     def _global(self, node: Global, _depth: int) -> Any:
         known = _VALUES.get(node.key)
@@ -542,7 +548,7 @@ class _Interpreter:
         if fn is None or node.kwargs:
             return self._object(node, key, depth)
         assert key is not None  # fn was found by it
-        self.roles.used(key, role_of(key))
+        self.roles.used(key, _FUNCTION_ROLES[key])
         args = self.value(node.args, depth)
         if not isinstance(args, tuple | list):
             raise _bad("call arguments are not a tuple")

@@ -24,7 +24,7 @@ from ckptscope.errors import CheckpointError
 from .model import Checkpoint, StorageRef
 from .pickle_graph import WorkBudget
 from .pickled_tree import build_checkpoint
-from .ranged_path import as_path, will_read
+from .ranged_path import RangedFile, as_path, will_read
 from .torch_pickle import PickledStorage, PickleReader
 from .zip_kinds import zip_refusal
 
@@ -87,6 +87,11 @@ class _Window:
 
     def close(self) -> None:  # the file belongs to the caller
         pass
+
+    @property
+    def ranged(self) -> bool:
+        """An object store's file, whose reads are fetched in rounds (``will_read`` helps it)."""
+        return isinstance(self._fh, RangedFile)
 
     def will_read(self, ranges: list[tuple[int, int]]) -> None:
         will_read(self._fh, [(self._start + a, self._start + min(b, self._length)) for a, b in ranges])
@@ -219,7 +224,8 @@ def check_whole_archive(fh: _Window, size: int, infos: list[zipfile.ZipInfo]) ->
         raise _bad_zip(f"the zip end record declares {end.entries} entries but its directory lists {len(infos)}")
     offsets: dict[str, int] = {}
     ordered = sorted(infos, key=lambda i: i.header_offset)
-    fh.will_read(_entry_reads(ordered, end.cd_start))
+    if fh.ranged:  # a local file has nothing to prefetch: the ranges are not worked out for it
+        fh.will_read(_entry_reads(ordered, end.cd_start))
     position = 0
     for n, info in enumerate(ordered):
         if info.header_offset < position:

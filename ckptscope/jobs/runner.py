@@ -28,9 +28,9 @@ from sqlalchemy import and_, delete, or_, select, update
 from ckptscope.formats.model import TensorInfo
 from ckptscope.insights.init_verdict import verdict_for
 from ckptscope.metrics import Metrics
+from ckptscope.stats.devices import resolve_device
 from ckptscope.stats.engine import Engine, StatsCancelled, choose_engine, compute_stats
 from ckptscope.stats.model import TensorStats
-from ckptscope.stats.torch_engine import resolve_device
 from ckptscope.store.catalogue import Catalogue, Content, Job, JobState, StatsState, utcnow
 from ckptscope.store.queries import CatalogueQueries
 from ckptscope.store.source_reader import SourceRangeReader
@@ -277,7 +277,12 @@ class JobRunner:
                 return lost
 
             started = time.monotonic()
-            stats = self._compute(key, [info for _, info in infos], progress, cancelled)
+            try:
+                stats = self._compute(key, [info for _, info in infos], progress, cancelled)
+            except FileNotFoundError:
+                if not self._set_own_content(key, stats_heartbeat=utcnow()):
+                    raise StatsCancelled() from None  # deleted while its stats ran: its blob went with it
+                raise
             if self.verify is not None:
                 self.verify(key)  # a source that changed meanwhile: these stats are of no current bytes
             module_types = self.queries.module_types_of(key)

@@ -202,9 +202,8 @@ def module_tree(core: Core, content: Content, root: str) -> TreeNode:
     """The module tree of a root, built once per (content, root, stats state)."""
 
     def build() -> TreeNode:
-        pairs = all_tensors(core, content, root)
-        stats = {t.name: s for t, s in pairs if s is not None}
-        return build_tree([t for t, _ in pairs], stats, module_types_under(content.module_types or {}, root))
+        tensors, nonfinite = core.queries.tree_inputs(content, root)
+        return build_tree(tensors, nonfinite, module_types_under(content.module_types or {}, root))
 
     return core.trees.get((content.key, root, content.stats_state), build)
 

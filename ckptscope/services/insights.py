@@ -14,13 +14,11 @@ from ckptscope.formats.model import module_types_under
 from ckptscope.insights.findings import SEVERITIES, Finding, TensorFacts, Thresholds, find
 from ckptscope.insights.init_verdict import InitVerdict, untrained_by_module, verdict_for
 from ckptscope.stats import TensorStats
-from ckptscope.store.catalogue import Content, StatsState
-
-from . import checkpoints
 
 if TYPE_CHECKING:
     from ckptscope.config import Settings
     from ckptscope.core import Core
+    from ckptscope.store.catalogue import Content
 
 
 def _severities() -> dict[str, int]:
@@ -138,6 +136,11 @@ def checkpoint_insights(core: Core, content: Content, root: str) -> Insights:
     """The insights of a stored checkpoint's root (``root`` already checked, e.g. ``check_root``),
     from the catalogue's listing and stats. Cached once the stats are done; recomputed while
     they are still coming (tensors without stats get no value findings yet)."""
+    # the catalogue's side, imported here: ``analyse`` also serves the CLI, which has no catalogue
+    from ckptscope.store.catalogue import StatsState
+
+    from . import checkpoints
+
     thresholds = thresholds_of(core.settings)
     key = (content.key, root, thresholds)
     done = content.stats_state == StatsState.DONE

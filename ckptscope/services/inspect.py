@@ -102,8 +102,8 @@ def inspect_listing(
     tensors = ckpt.root_tensors(root)
     stats = None
     if with_stats:
-        from ckptscope.stats.engine import compute_stats  # imports torch: only when stats are wanted
-        from ckptscope.stats.torch_engine import resolve_device
+        from ckptscope.stats.devices import resolve_device
+        from ckptscope.stats.engine import compute_stats
 
         if dask:
             from ckptscope.jobs.dask_stats import close_local_clusters, compute_stats_dask

@@ -107,7 +107,7 @@ def stats_device(requested: str | None) -> str | None:
     """The torch device for spectra: the stats device when it resolves to CUDA, else None (CPU)."""
     if not requested:
         return None
-    from ckptscope.stats.torch_engine import resolve_device
+    from ckptscope.stats.devices import resolve_device
 
     try:
         device = resolve_device(requested)

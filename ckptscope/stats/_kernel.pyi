@@ -1,21 +1,37 @@
-"""Types of the optional C kernel (``_kernel.c``); ``kernel_engine.load_kernel`` imports it."""
+"""Types of the optional C kernel (``_kernel.c``); ``kernel_engine.load_kernel`` imports it.
+
+Every call takes a ``dtype`` code from ``DTYPES`` and reads the values as stored (any alignment),
+converting them inline to the compute width: float64 for float64 and every integer and bool
+dtype, float32 for float32, float16, bfloat16 and both float8 kinds. The conversion is torch's
+``x.to(torch.float32 / torch.float64)`` bit for bit (NaN keeps its sign; a bool byte other than
+0 reads as 1). Codes 0 and 1 are float32 and float64, so a bool "is double" still works.
+"""
 
 from typing_extensions import Buffer
 
 SOURCE_SHA256: str
 
-def pass1(
-    values: Buffer, count: int, is_double: bool, keys: Buffer, /
-) -> tuple[int, float, float, float, int, int, int]:
-    """Finite count, sum, min, max, non-zero, NaN and Inf counts of the ``count`` float32 (or
-    float64) values that ``values`` holds exactly (ValueError otherwise). Adds one to ``keys``
-    (a writable, int64-aligned buffer of exactly 65536 int64 counts) at the top 16 bits of each
-    value's order-preserving key, NaN and Inf included."""
+DTYPES: dict[str, int]
+"""The dtype codes by torch's name: float32 0, float64 1, float16, bfloat16, float8_e4m3fn,
+float8_e5m2, int8, uint8, int16, uint16, int32, uint32, int64, uint64, bool."""
+
+def convert(values: Buffer, count: int, dtype: int, out: Buffer, /) -> None:
+    """Writes the ``count`` values of ``dtype`` that ``values`` holds exactly into ``out`` (writable,
+    exactly ``count`` values of the compute width, any alignment), converted as torch converts
+    them; ValueError for any other length or an unknown code. The GIL is released."""
+
+def pass1(values: Buffer, count: int, dtype: int, keys: Buffer, /) -> tuple[int, float, float, float, int, int, int]:
+    """Finite count, sum, min, max, non-zero, NaN and Inf counts of the ``count`` values of
+    ``dtype`` that ``values`` holds exactly (ValueError otherwise). Adds one to ``keys`` (a
+    writable, int64-aligned buffer of exactly 65536 int64 counts) at the top 16 bits of each
+    converted value's order-preserving key, NaN and Inf included; an empty ``keys`` (0 bytes)
+    counts no key bins (the faster loop, moments only). The sums are of fixed lanes, so the result
+    is the same as that of the values converted first and passed as their compute dtype."""
 
 def pass2(
     values: Buffer,
     count: int,
-    is_double: bool,
+    dtype: int,
     dirty: bool,
     mean: float,
     lo: float,
@@ -35,10 +51,10 @@ def pass2(
     ``lut``: empty (no percentiles: ``out``, ``sub`` untouched, ``collected`` returned as passed)
     or exactly 65536 bytes, at most 18 of them non-zero (``MAX_WANTED`` in _kernel.c; all zero:
     nothing wanted): ``lut[top16(key)] = t`` wants the values of that key bin as wanted bin ``t``.
-    With a non-empty ``out`` (writable, a whole number of values of the chunk's width,
-    ``collected`` of them already there, ``-1 <= collected <= capacity``) their values are copied
-    after those, in order (NaN and Inf skipped when ``dirty``); the result is -1 when they do not
-    fit (or ``collected`` was -1), and nothing is written past the end. With an empty ``out`` they
-    are counted into ``sub`` (writable, aligned, exactly ``max(lut) * 65536`` int64 counts) at
-    ``(t - 1) * 65536 +`` the next 16 bits of their key. Any other buffer raises ValueError
-    (TypeError for a read-only or non-buffer argument)."""
+    With a non-empty ``out`` (writable, a whole number of values of the compute width,
+    ``collected`` of them already there, ``-1 <= collected <= capacity``) their converted values
+    are copied after those, in order (NaN and Inf skipped when ``dirty``); the result is -1 when
+    they do not fit (or ``collected`` was -1), and nothing is written past the end. With an empty
+    ``out`` they are counted into ``sub`` (writable, aligned, exactly ``max(lut) * 65536`` int64
+    counts) at ``(t - 1) * 65536 +`` the next 16 bits of their key. Any other buffer or an unknown
+    ``dtype`` raises ValueError (TypeError for a read-only or non-buffer argument)."""

@@ -5,6 +5,9 @@ Three per-tensor engines share one walker (``walk.py``) and one set of definitio
 device such as a CUDA GPU, and the same torch-op engine on the CPU as the fallback where the kernel
 is not built. Small dense tensors are summarised in batches (``batch.py``). ``choose_engine`` says
 which engine runs; the server logs it once at start.
+
+The kernel engine never imports torch (the walker, the batches and the kernel read every dtype
+themselves); torch is imported only where a torch-op engine is chosen.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-
-import torch
 
 from ckptscope.formats.model import TensorInfo
 
@@ -25,13 +27,13 @@ from .batch import BATCH_ELEMENTS, batch_stats, batchable
 from .kernel_engine import load_kernel, tensor_stats_with_kernel
 from .model import TensorStats
 from .pieced import pieced_stats
-from .torch_engine import describe, tensor_stats_with_torch
+from .prefetch import Prefetcher, ranges_of
 from .walk import Buffers, MappedFiles
 
 log = logging.getLogger("ckptscope.stats")
 
 Progress = Callable[[int, int], None]
-PerTensor = Callable[..., TensorStats]  # (mm, info, bufs) -> stats
+PerTensor = Callable[..., TensorStats]  # (mm, info, bufs, extras) -> stats
 
 
 class StatsCancelled(Exception):
@@ -43,19 +45,44 @@ class Engine:
     name: str  # "kernel", "torch-fallback" (the CPU without the kernel) or "torch" (on a device)
     description: str  # for the log line that says which engine runs
     per_tensor: PerTensor
-    batch_device: str | None  # where batches of small tensors are reduced (None: the CPU)
+    batch_device: str | None  # the torch device batches of small tensors are reduced on (None: numpy)
 
 
 def choose_engine(device: str | None = None) -> Engine:
     """``device``: None for the CPU (the C kernel, or the torch-op fallback where it is not built),
     or a torch device (``"cuda"``, ``"cpu"``) for the torch-op engine there."""
     if device is not None:
+        from .devices import describe
+        from .torch_engine import tensor_stats_with_torch
+
         return Engine("torch", f"torch ops on {describe(device)}", partial(tensor_stats_with_torch, device), device)
     kernel, why = load_kernel()
     if kernel is None:
+        from .torch_engine import tensor_stats_with_torch
+
         fallback = partial(tensor_stats_with_torch, "cpu")
-        return Engine("torch-fallback", f"torch ops on the CPU (fallback: {why})", fallback, None)
+        return Engine("torch-fallback", f"torch ops on the CPU (fallback: {why})", fallback, "cpu")
     return Engine("kernel", "the C kernel on the CPU", partial(tensor_stats_with_kernel, kernel), None)
+
+
+@contextmanager
+def single_threaded(engine: Engine) -> Iterator[None]:
+    """Around work that runs engines on several threads at once: a torch-op engine gets one torch
+    thread per caller and frombuffer's read-only warning silenced (process-wide settings, saved and
+    restored). The kernel engine needs neither, and torch is not imported for it."""
+    if engine.name == "kernel":
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer on a read-only mmap
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def compute_stats(
@@ -66,9 +93,12 @@ def compute_stats(
     cancelled: Callable[[], bool] | None = None,
     device: str | None = None,
     engine: Engine | None = None,
+    extras: bool = True,
 ) -> dict[str, TensorStats]:
     """Stats for every tensor, keyed by name. Tensors viewing the same data are computed once.
-    ``engine`` (or ``device``, see ``choose_engine``) says where they are computed."""
+    ``engine`` (or ``device``, see ``choose_engine``) says where they are computed. ``extras``:
+    also issue 12's statistics (percentiles, log-magnitude histogram, digest); without them only
+    the moments, counts and the 64-bin histogram are computed (for measuring the passes)."""
     engine = engine or choose_engine(device)
     unique: dict[tuple[object, ...], TensorInfo] = {}
     for t in tensors:
@@ -100,40 +130,44 @@ def compute_stats(
             if progress is not None:
                 progress(done, total)
 
-    def work(info: TensorInfo) -> None:
+    # the workers take the tensors in this order; the prefetcher reads ahead of them in it
+    order: list[Sequence[TensorInfo]] = [[t] for t in todo]
+    order += batches
+    prefetcher = Prefetcher(ranges_of(order))
+
+    def work(index: int, info: TensorInfo) -> None:
         if cancelled is not None and cancelled():
             raise StatsCancelled()
+        prefetcher.started(index)
         if not hasattr(local, "bufs"):
             local.bufs = Buffers()
         if info.pieces:  # stitched from chunks (torch.distributed.checkpoint): each piece in its file
-            record([info], [pieced_stats(info, maps.get, local.bufs, engine.name, engine.batch_device)])
+            record([info], [pieced_stats(info, maps.get, local.bufs, engine.name, engine.batch_device, extras)])
             return
-        record([info], [engine.per_tensor(maps.get(info.storage.path), info, local.bufs)])
+        record([info], [engine.per_tensor(maps.get(info.storage.path), info, local.bufs, extras)])
 
-    def work_batch(batch: list[TensorInfo]) -> None:
+    def work_batch(index: int, batch: list[TensorInfo]) -> None:
         if cancelled is not None and cancelled():
             raise StatsCancelled()
+        prefetcher.started(index)
         mm = maps.get(batch[0].storage.path)
         assert mm is not None  # batched tensors have bytes, so their file is not empty
-        record(batch, batch_stats(mm, batch, engine.batch_device))
+        record(batch, batch_stats(mm, batch, engine.batch_device, extras))
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    first_batch = len(todo)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # frombuffer on a read-only mmap
+        with single_threaded(engine), prefetcher:
             if workers <= 1:
-                for info in todo:
-                    work(info)
-                for batch in batches:
-                    work_batch(batch)
+                for i, info in enumerate(todo):
+                    work(i, info)
+                for i, batch in enumerate(batches, first_batch):
+                    work_batch(i, batch)
             else:
                 with ThreadPoolExecutor(max_workers=workers) as pool:
-                    futures = [pool.submit(work, info) for info in todo]
-                    futures += [pool.submit(work_batch, batch) for batch in batches]
+                    futures = [pool.submit(work, i, info) for i, info in enumerate(todo)]
+                    futures += [pool.submit(work_batch, i, batch) for i, batch in enumerate(batches, first_batch)]
                     for future in futures:
                         future.result()
     finally:
-        torch.set_num_threads(previous_threads)
         maps.close()
     return {t.name: results[t.view_key] for t in tensors}

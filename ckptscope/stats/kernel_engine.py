@@ -1,6 +1,8 @@
 """The C kernel engine: each chunk of a walk goes through the kernel's two fused loops (GIL
-released): pass 1 gathers the float64 sum, min/max, the non-zero count (NaN/Inf are only looked
-for when the sum shows they exist) and the key bins the percentiles start from; pass 2 the centred
+released), which read the chunk's elements in their own dtype (bfloat16, float16, float8, integers
+and bool converted as they are read; no torch, no copy): pass 1 gathers the float64 sum, min/max,
+the non-zero count (NaN/Inf are only looked for when the sum shows they exist) and the key bins
+the percentiles start from; pass 2 the centred
 sums, the histogram and the values the percentiles are selected from (``percentiles.py``). The
 walk hashes the bytes it reads for the tensor's digest.
 
@@ -19,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import torch
 
 from ckptscope.formats.model import TensorInfo
 
@@ -50,11 +51,16 @@ def load_kernel() -> tuple[Kernel | None, str]:
     return kernel, "the C kernel"
 
 
-def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk) -> bool:
-    """Returns True when the chunk held NaN/Inf (pass 2 then skips them)."""
-    n = c.values.numel()
-    acc.is_double = c.values.dtype == torch.float64
-    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(c.buffer, n, acc.is_double, acc.keys)
+NO_KEYS = bytearray()  # pass 1 without the key bins (the moments and histogram alone)
+
+
+def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk, keys: bool = True) -> bool:
+    """Returns True when the chunk held NaN/Inf (pass 2 then skips them). ``keys``: also count the
+    values' key bins (for the percentiles and the log-magnitude histogram)."""
+    acc.is_double = c.is_double
+    finite, total, lo, hi, nonzero, nan, inf = kernel.pass1(
+        c.buffer, c.n, kernel.DTYPES[c.dtype], acc.keys if keys else NO_KEYS
+    )
     acc.nonzero += nonzero
     acc.nan += nan
     acc.inf += inf
@@ -63,7 +69,7 @@ def _pass1(kernel: Kernel, acc: Accumulator, c: Chunk) -> bool:
         acc.total += total
         acc.lo = min(acc.lo, lo)
         acc.hi = max(acc.hi, hi)
-    return bool(finite != n)
+    return bool(finite != c.n)
 
 
 class Gathering:
@@ -101,19 +107,20 @@ class Gathering:
 def _pass2(
     kernel: Kernel, acc: Accumulator, c: Chunk, dirty: bool, mean: float, hist: array[int], g: Gathering
 ) -> None:
-    n = c.values.numel()
-    is_double = c.values.dtype == torch.float64
+    code = kernel.DTYPES[c.dtype]
     shift, css, g.count = kernel.pass2(
-        c.buffer, n, is_double, dirty, mean, acc.lo, acc.hist_scale(), hist, g.lut, g.out, g.count, g.sub
+        c.buffer, c.n, code, dirty, mean, acc.lo, acc.hist_scale(), hist, g.lut, g.out, g.count, g.sub
     )
     acc.shift += shift
     acc.css += css
 
 
 def tensor_stats_with_kernel(
-    kernel: Kernel, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None
+    kernel: Kernel, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None, extras: bool = True
 ) -> TensorStats:
-    """Statistics of one tensor whose bytes lie in ``mm`` (the mmap of ``info.storage.path``)."""
+    """Statistics of one tensor whose bytes lie in ``mm`` (the mmap of ``info.storage.path``).
+    ``extras``: also the percentiles, the log-magnitude histogram and the digest (else the moments,
+    counts and histogram alone)."""
     note = unsupported_note(info)
     if note is not None:
         return TensorStats(numel=info.numel, note=note)
@@ -121,17 +128,19 @@ def tensor_stats_with_kernel(
     if info.numel == 0 or mm is None:
         return TensorStats(numel=info.numel)
     bufs = bufs or Buffers()
-    walker = TensorWalker(mm, info, plan, bufs)
+    walker = TensorWalker(mm, info, plan, bufs, hashing=extras)
     acc = Accumulator()
-    dirty = [_pass1(kernel, acc, c) for c in walker.chunks()]
+    acc.is_double = walker.compute_double
+    dirty = [_pass1(kernel, acc, c, extras) for c in walker.chunks()]
     mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
-        gathering = Gathering(acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins), bufs)
+        rank_plan = acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins) if extras else None
+        gathering = Gathering(rank_plan, bufs)
         hist = array("q", bytes(8 * HIST_BINS))
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
             _pass2(kernel, acc, c, chunk_dirty, mean, hist, gathering)
         acc.hist = hist.tolist()
         acc.percentiles = gathering.percentiles()
     walker.release()
-    acc.digest = walker.digest()
+    acc.digest = walker.digest() if extras else None
     return acc.result(info.numel, plan.count, plan.factor, mean)

@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .model import PERCENTILES, LogHistogram
 
@@ -223,22 +222,3 @@ def log_histogram(counts: np.ndarray, is_double: bool, zeros: int, factor: int) 
         return {(int(f) - bias if f else -bias): int(c[f]) * factor for f in np.flatnonzero(c)}
 
     return LogHistogram(neg=by_exponent(neg), zero=zeros * factor, pos=by_exponent(pos))
-
-
-# --- the same keys with torch ops (the torch-op engine, batches) -------------------------------
-
-
-def torch_keys(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top 16 and the next 16 bits of each value's key (int64 tensors)."""
-    if values.dtype == torch.float64:
-        u = values.view(torch.int64)
-        key = torch.where(u < 0, ~u, u ^ torch.iinfo(torch.int64).min)  # the key's bits, as int64
-        return (key >> 48) & 0xFFFF, (key >> 32) & 0xFFFF
-    u32 = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    key = torch.where(u32 >= 0x80000000, ~u32 & 0xFFFFFFFF, u32 | 0x80000000)
-    return key >> 16, key & 0xFFFF
-
-
-def torch_key_counts(values: torch.Tensor) -> np.ndarray:
-    top, _ = torch_keys(values)
-    return torch.bincount(top, minlength=KEY_BINS).cpu().numpy().astype(np.int64)

@@ -13,17 +13,18 @@ from __future__ import annotations
 import mmap
 from array import array
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptscope.formats.model import TensorInfo
 
-from . import kernel_engine, torch_engine
+from . import kernel_engine
 from .digest import tensor_digest
 from .kernel_engine import load_kernel
 from .model import HIST_BINS, TensorStats
-from .torch_engine import TorchGathering
 from .walk import Accumulator, Buffers, Chunk, TensorWalker, ViewPlan, plan_view, unsupported_note
+
+if TYPE_CHECKING:  # the torch-op engine's side, imported where it runs (never on the kernel's path)
+    from .torch_engine import TorchGathering
 
 MapFile = Callable[[str], mmap.mmap | None]
 
@@ -39,11 +40,17 @@ class _Piece:
 
 
 def pieced_stats(
-    info: TensorInfo, mapped: MapFile, bufs: Buffers | None = None, engine: str = "kernel", device: str | None = None
+    info: TensorInfo,
+    mapped: MapFile,
+    bufs: Buffers | None = None,
+    engine: str = "kernel",
+    device: str | None = None,
+    extras: bool = True,
 ) -> TensorStats:
     """Statistics of ``info`` (a TensorInfo with pieces). ``mapped`` gives a file's mapping (the
     engine's ``MappedFiles.get``); ``engine`` is the engine's name ("kernel", "torch-fallback",
-    "torch") and ``device`` its torch device (None: the CPU)."""
+    "torch") and ``device`` its torch device (None: the CPU). ``extras``: also the percentiles,
+    the log-magnitude histogram and the digest."""
     note = unsupported_note(info)
     if note is not None:
         return TensorStats(numel=info.numel, note=note)
@@ -57,7 +64,7 @@ def pieced_stats(
         if mm is None or piece.info.numel == 0:
             continue
         plan = plan_view(piece.info)
-        pieces.append(_Piece(TensorWalker(mm, piece.info, plan, bufs), plan))
+        pieces.append(_Piece(TensorWalker(mm, piece.info, plan, bufs, hashing=False), plan))
     for p in pieces:  # pass 1: every piece, before any piece's pass 2
         for chunk in p.walker.chunks():
             p.dirty.append(_pass1(kernel, p.acc, chunk, device))
@@ -81,9 +88,13 @@ def pieced_stats(
         # the percentiles of the whole tensor: its key bins are every piece's (counted once per
         # logical element), gathered from every piece in pass 2
         exact = all(p.walker.values_exact_in_key_bins for p in pieces)
-        rank_plan = whole.plan_percentiles(info.numel, 1, exact)
+        rank_plan = whole.plan_percentiles(info.numel, 1, exact) if extras else None
         gathering = kernel_engine.Gathering(rank_plan, bufs) if kernel is not None else None
-        torch_gathering = TorchGathering(rank_plan, device or "cpu") if kernel is None else None
+        torch_gathering = None
+        if kernel is None:
+            from .torch_engine import TorchGathering
+
+            torch_gathering = TorchGathering(rank_plan, device or "cpu")
         for p in pieces:  # binned over the whole tensor's range: every piece alike
             if p.acc.n:
                 shift, css, hist = _pass2(kernel, p, mean, whole, device, gathering, torch_gathering)
@@ -94,15 +105,17 @@ def pieced_stats(
         whole.percentiles = (gathering or torch_gathering).percentiles()  # type: ignore[union-attr]
     for p in pieces:
         p.walker.release()
-    whole.digest = tensor_digest(info)  # the stitched tensor's bytes in C order
+    whole.digest = tensor_digest(info) if extras else None  # the stitched tensor's bytes in C order
     return whole.result(info.numel, info.numel, 1, mean)
 
 
 def _pass1(kernel: kernel_engine.Kernel | None, acc: Accumulator, chunk: Chunk, device: str | None) -> bool:
     if kernel is not None:
         return kernel_engine._pass1(kernel, acc, chunk)
-    values = chunk.values if device in (None, "cpu") else chunk.values.to(device)
-    return torch_engine._pass1(acc, values)
+    from . import torch_engine
+
+    values = torch_engine.chunk_values(chunk)
+    return torch_engine._pass1(acc, values if device in (None, "cpu") else values.to(device))
 
 
 def _pass2(
@@ -130,12 +143,16 @@ def _pass2(
                     kernel, Accumulator(), chunk, dirty, mean, array("q", bytes(8 * HIST_BINS)), gathering
                 )
         return acc.shift, acc.css, counts.tolist()
+    import torch
+
+    from . import torch_engine
+
     lo, scale, where = whole.lo, whole.hist_scale(), device or "cpu"
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=where)
     sums = torch.zeros(2, dtype=torch.float64, device=where)
     assert torch_gathering is not None
     for chunk, dirty in chunks:
-        values = chunk.values if where == "cpu" else chunk.values.to(where)
+        values = torch_engine.chunk_values(chunk).to(where)
         finite = values[torch.isfinite(values)] if dirty else values
         torch_engine._pass2(finite, mean, lo, scale, hist, sums)
         for _ in range(p.plan.factor):

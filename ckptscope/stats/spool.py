@@ -21,19 +21,16 @@ import bisect
 import os
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, cast
 
-import torch
-
 from ckptscope.errors import Invalid, SourceChanged
 from ckptscope.formats.model import Piece, StorageRef, TensorInfo, byte_parts
 
-from .engine import Engine, Progress, StatsCancelled, choose_engine, compute_stats
+from .engine import Engine, Progress, StatsCancelled, choose_engine, compute_stats, single_threaded
 from .model import TensorStats
 
 MAX_TASK_BYTES = 256 << 20
@@ -403,20 +400,6 @@ def _computed(
 # --- all tasks on local threads ------------------------------------------------------------------
 
 
-@contextmanager
-def quiet_single_threaded_torch() -> Iterator[None]:
-    """One torch thread and frombuffer's read-only warning silenced around tasks that run
-    ``compute_stats`` side by side (both are process-wide settings it saves and restores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def compute_stats_ranged(
     tensors: Sequence[TensorInfo],
     reader: RangeReader,
@@ -460,7 +443,7 @@ def compute_stats_ranged(
             for t in task.tensors:
                 results[t.view_key] = stats[t.name]
 
-    with quiet_single_threaded_torch():
+    with single_threaded(engine):
         if workers <= 1:
             for i, task in enumerate(tasks):
                 run(i, task)

@@ -16,72 +16,75 @@ import mmap
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
+import numpy as np
 import torch
 
 from ckptscope.formats.model import TensorInfo
 
 from .model import HIST_BINS, TensorStats
-from .percentiles import KEY_BINS, RankPlan, torch_key_counts, torch_keys
-from .walk import Accumulator, Buffers, TensorWalker, plan_view, unsupported_note
+from .percentiles import KEY_BINS, RankPlan
+from .walk import Accumulator, Buffers, Chunk, TensorWalker, plan_view, unsupported_note
 
 DEVICE_SLICE = 1 << 26  # elements reduced at once on the device
 
 
-def resolve_device(requested: str | None) -> str | None:
-    """The torch device for stats from the CKPTSCOPE_STATS_DEVICE setting: None (the host CPU
-    engine) for "" or "host", a CUDA device for "auto" when one is present, else the name as given."""
-    if not requested or requested == "host":
-        return None
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else None
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"stats device {requested!r} asked for, but torch sees no CUDA device")
-    torch.empty(0, device=requested)  # refuses an unknown device name now, not at the first job
-    return requested
+def chunk_values(chunk: Chunk) -> torch.Tensor:
+    """A walk's chunk as a tensor of its compute dtype (float32, or float64), a copy: the chunk's
+    buffer is only valid until the walk goes on."""
+    raw = torch.frombuffer(chunk.buffer, dtype=getattr(torch, chunk.dtype), count=chunk.n)
+    return raw.to(torch.float64 if chunk.is_double else torch.float32, copy=True)
 
 
-def describe(device: str) -> str:
-    """A line for logs: which device computes the stats."""
-    if device.startswith("cuda"):
-        index = torch.device(device).index or 0
-        return f"{device} ({torch.cuda.get_device_name(index)})"
-    return device
+def torch_keys(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top 16 and the next 16 bits of each value's key (int64 tensors; ``percentiles.py``)."""
+    if values.dtype == torch.float64:
+        u = values.view(torch.int64)
+        key = torch.where(u < 0, ~u, u ^ torch.iinfo(torch.int64).min)  # the key's bits, as int64
+        return (key >> 48) & 0xFFFF, (key >> 32) & 0xFFFF
+    u32 = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    key = torch.where(u32 >= 0x80000000, ~u32 & 0xFFFFFFFF, u32 | 0x80000000)
+    return key >> 16, key & 0xFFFF
+
+
+def torch_key_counts(values: torch.Tensor) -> np.ndarray:
+    top, _ = torch_keys(values)
+    return torch.bincount(top, minlength=KEY_BINS).cpu().numpy().astype(np.int64)
 
 
 def tensor_stats_with_torch(
-    device: str, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None
+    device: str, mm: mmap.mmap | None, info: TensorInfo, bufs: Buffers | None = None, extras: bool = True
 ) -> TensorStats:
     """On the CPU the walk's chunks are reduced as they come (each pass walks the file again, so
     memory stays flat); on another device the distinct elements are copied there once and reduced
-    in slices."""
+    in slices. ``extras``: also the percentiles, the log-magnitude histogram and the digest."""
     note = unsupported_note(info)
     if note is not None:
         return TensorStats(numel=info.numel, note=note)
     if info.numel == 0 or mm is None:
         return TensorStats(numel=info.numel)
     plan = plan_view(info)
-    walker = TensorWalker(mm, info, plan, bufs or Buffers())
+    walker = TensorWalker(mm, info, plan, bufs or Buffers(), hashing=extras)
     slices: Callable[[], Iterable[torch.Tensor]]
     if device == "cpu":
         slices = partial(_values, walker)
     else:
-        x = torch.empty(plan.count, dtype=walker.compute_dtype, device=device)
+        x = torch.empty(plan.count, dtype=torch.float64 if walker.compute_double else torch.float32, device=device)
         filled = 0
         for chunk in walker.chunks():
-            n = chunk.values.numel()
-            x[filled : filled + n].copy_(chunk.values)
-            filled += n
+            x[filled : filled + chunk.n].copy_(chunk_values(chunk))
+            filled += chunk.n
         walker.release()
         slices = partial(x.split, DEVICE_SLICE)
     acc = Accumulator()
-    dirty = [_pass1(acc, s) for s in slices()]
+    acc.is_double = walker.compute_double
+    dirty = [_pass1(acc, s, extras) for s in slices()]
     mean = acc.total / acc.n if acc.n else 0.0
     if acc.n:
         scale = acc.hist_scale()
         hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of (x - m), of (x - m)^2
         gathering = TorchGathering(
-            acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins), device
+            acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins) if extras else None, device
         )
         for s, s_dirty in zip(slices(), dirty, strict=True):
             finite = s[torch.isfinite(s)] if s_dirty else s
@@ -91,7 +94,7 @@ def tensor_stats_with_torch(
         acc.hist = hist.cpu().tolist()
         acc.percentiles = gathering.percentiles()
     walker.release()
-    acc.digest = walker.digest()
+    acc.digest = walker.digest() if extras else None
     return acc.result(info.numel, plan.count, plan.factor, mean)
 
 
@@ -133,10 +136,10 @@ class TorchGathering:
 
 def _values(walker: TensorWalker) -> Iterator[torch.Tensor]:
     for chunk in walker.chunks():
-        yield chunk.values
+        yield chunk_values(chunk)
 
 
-def _pass1(acc: Accumulator, s: torch.Tensor) -> bool:
+def _pass1(acc: Accumulator, s: torch.Tensor, keys: bool = True) -> bool:
     """Sum, min/max, non-zero, NaN and Inf counts of one slice; True when it held NaN/Inf."""
     acc.nonzero += int(torch.count_nonzero(s))
     total = float(s.sum(dtype=torch.float64))
@@ -149,7 +152,8 @@ def _pass1(acc: Accumulator, s: torch.Tensor) -> bool:
         s = finite
         total = float(s.sum(dtype=torch.float64))
     acc.is_double = s.dtype == torch.float64
-    acc.keys += torch_key_counts(s)
+    if keys:
+        acc.keys += torch_key_counts(s)
     if s.numel():
         lo, hi = torch.aminmax(s)
         acc.lo, acc.hi = min(acc.lo, float(lo)), max(acc.hi, float(hi))

@@ -6,11 +6,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from ckptscope.formats.model import TensorInfo
-
-from .model import TensorStats
 
 
 def module_order(parts: Sequence[str]) -> list[str]:
@@ -74,12 +72,30 @@ class TreeNode:
         return out
 
 
+class NonFinite(Protocol):
+    """What the tree rolls up of a tensor's stats (``TensorStats`` and ``NonFiniteCounts`` have it)."""
+
+    @property
+    def nan(self) -> int: ...
+
+    @property
+    def inf(self) -> int: ...
+
+
+class NonFiniteCounts(NamedTuple):
+    """A tensor's NaN and Inf counts alone: all a tree needs of its stats."""
+
+    nan: int
+    inf: int
+
+
 def build_tree(
     tensors: Iterable[TensorInfo],
-    stats: Mapping[str, TensorStats] | None = None,
+    stats: Mapping[str, NonFinite] | None = None,
     module_types: Mapping[str, str] | None = None,
 ) -> TreeNode:
-    """``module_types``: module path (relative to the tree's root, "" for it) -> class name."""
+    """``stats``: tensor name -> its stats (or just its NaN and Inf counts; a tensor missing has
+    none); ``module_types``: module path (relative to the tree's root, "" for it) -> class name."""
     root = TreeNode("", "")
     for t in tensors:
         node = root
@@ -92,23 +108,30 @@ def build_tree(
             node = child
             chain.append(node)
         node.tensor = t
+        # each tensor's figures once (its properties compute them), then added along its chain
         s = stats.get(t.name) if stats else None
+        numel, dtype, nbytes = t.numel, t.shown_dtype, t.nbytes
+        alias, parameter, buffer = (
+            t.alias_of is not None and t.alias_of != "",
+            t.kind == "parameter",
+            t.kind == "buffer",
+        )
+        nan, inf = (s.nan, s.inf) if s is not None else (0, 0)
         for n in chain:
             n.tensor_count += 1
-            n.numel += t.numel
-            n.dtypes[t.shown_dtype] = n.dtypes.get(t.shown_dtype, 0) + 1
-            if t.alias_of:
+            n.numel += numel
+            n.dtypes[dtype] = n.dtypes.get(dtype, 0) + 1
+            if alias:
                 n.alias_count += 1
             else:
-                n.nbytes += t.nbytes
-                if t.kind == "parameter":
-                    n.param_numel += t.numel
-                    n.param_dtypes[t.shown_dtype] = n.param_dtypes.get(t.shown_dtype, 0) + t.numel
-            if t.kind == "buffer":
+                n.nbytes += nbytes
+                if parameter:
+                    n.param_numel += numel
+                    n.param_dtypes[dtype] = n.param_dtypes.get(dtype, 0) + numel
+            if buffer:
                 n.buffer_count += 1
-            if s is not None:
-                n.nan += s.nan
-                n.inf += s.inf
+            n.nan += nan
+            n.inf += inf
     for path, cls in (module_types or {}).items():
         found = root.find(path)
         if found is not None:

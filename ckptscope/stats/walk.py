@@ -1,10 +1,15 @@
 """Walking a tensor's bytes: the view plan, chunked reads from a file mapping, and the running sums
 every stats engine (the C kernel, the torch-op engine on the CPU or a device) accumulates into.
 
-Each tensor is read zero-copy from an mmap of its file in chunks of ``CHUNK_ELEMENTS``. Half,
-bfloat16 and float8 chunks are upcast into a preallocated float32 buffer, integer and bool chunks
-into a float64 one; no whole-tensor copy is ever made. Finished ranges of big tensors are released
-with ``MADV_DONTNEED`` so resident memory stays flat whatever the file size.
+Each tensor is read zero-copy from an mmap of its file in chunks of ``CHUNK_ELEMENTS`` elements of
+its own dtype: the C kernel converts half, bfloat16, float8, integer and bool elements itself as it
+reads them (the torch-op engine with torch), so the CPU path never imports torch and no chunk is
+copied. A strided view's chunks are gathered (as raw bits, by numpy) into a per-thread buffer; a
+GGUF block encoding is decoded, and a torch quantized tensor dequantized, into float32/float64
+buffers. No whole-tensor copy is ever made. Finished ranges of big tensors are released with
+``MADV_DONTNEED`` so resident memory stays flat whatever the file size, and the range ahead of a
+big tensor's walk is asked for with ``MADV_WILLNEED`` (a file is opened ``POSIX_FADV_SEQUENTIAL``),
+so on a cold page cache the disk reads ahead while the kernel computes.
 
 Stride-0 (expanded) views are never expanded: a walk covers the distinct elements and the counts
 are scaled by the expansion factor, which gives the same result exactly.
@@ -14,16 +19,15 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
-
+from ckptscope.formats.array_views import gather_into, row_blocks, storage_array, strided_array
 from ckptscope.formats.gguf_decoding import block_ranges, block_type, decode_into, undecodable_note
 from ckptscope.formats.model import DTYPES, TensorInfo, contiguous_stride
-from ckptscope.formats.tensor_views import row_blocks, storage_tensor
 
 from . import digest as digests
 from .model import HIST_BINS, LogHistogram, TensorStats
@@ -32,10 +36,18 @@ from .percentiles import RankPlan, log_histogram, new_key_counts, plan_ranks
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: fewer Python round trips; the kernel streams it anyway
 RELEASE_BYTES = 16 << 20  # big tensors give their pages back every 16 MiB, in each pass
 WINDOW_BYTES = 64 << 20  # tensors up to this size are mapped once for both passes, released after
+READAHEAD_BYTES = 32 << 20  # how far ahead of a big tensor's walk its pages are asked for
 _PAGE = mmap.PAGESIZE
 
-FEW_MANTISSA_BITS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
-TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES if hasattr(torch, name)}
+FEW_MANTISSA_BITS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+STATS_DTYPES = frozenset(name for name, d in DTYPES.items() if d.category != "complex")
+"""The dtypes whose values get statistics."""
+
+
+def computes_in_double(dtype: str) -> bool:
+    """Whether a dtype's values are computed in float64 (float64, integers, bool) rather than
+    float32 (float32, float16, bfloat16, float8): the C kernel's fixed rule, every engine's."""
+    return dtype == "float64" or DTYPES[dtype].category != "float"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +91,7 @@ def unsupported_note(info: TensorInfo) -> str | None:
     """Why no statistics are computed for this tensor's dtype, if they are not."""
     if info.encoding is not None:
         return undecodable_note(info)
-    if DTYPES[info.dtype].category == "complex" or info.dtype not in TORCH_DTYPES:
+    if info.dtype not in STATS_DTYPES:
         return f"statistics are not computed for {info.dtype} tensors"
     if info.quant is not None:
         from .quantized import quantized_note
@@ -89,47 +101,53 @@ def unsupported_note(info: TensorInfo) -> str | None:
 
 
 class Buffers:
-    """Per-thread upcast targets, allocated once: Python-owned memory (``raw_*``) seen by torch
-    as tensors, so a chunk written there can be handed to the kernel as a buffer."""
+    """Per-thread buffers, allocated once: where a chunk is written when it is not read in place
+    (a strided gather of raw elements, decoded float32 values, dequantized float64 ones)."""
 
     def __init__(self) -> None:
         self.raw_f32 = bytearray(CHUNK_ELEMENTS * 4)
         self.raw_f64 = bytearray(CHUNK_ELEMENTS * 8)
-        self.f32 = torch.frombuffer(self.raw_f32, dtype=torch.float32)
-        self.f64 = torch.frombuffer(self.raw_f64, dtype=torch.float64)
+        self.raw_gather = bytearray(CHUNK_ELEMENTS * 8)  # raw elements of any stats dtype
         self.collect = bytearray()  # pass 2's copies of the values percentiles are selected from
 
 
 class Chunk(NamedTuple):
-    """Contiguous float32 or float64 values: as a tensor, and as the buffer holding exactly them."""
+    """``n`` consecutive elements of ``dtype`` (the file's own, or float32/float64 after a decode
+    or dequantization), as the buffer holding exactly them."""
 
-    values: torch.Tensor
     buffer: memoryview
+    n: int
+    dtype: str
+
+    @property
+    def is_double(self) -> bool:
+        """The chunk's values are computed in float64 (their keys are 64-bit)."""
+        return computes_in_double(self.dtype)
 
 
 class TensorWalker:
-    """Yields a tensor's distinct elements as contiguous 1-D compute chunks (float32 or float64)."""
+    """Yields a tensor's distinct elements as contiguous 1-D chunks of raw elements.
 
-    def __init__(self, mm: mmap.mmap, info: TensorInfo, plan: ViewPlan, bufs: Buffers) -> None:
+    ``hashing``: whether the walk also takes the tensor's content digest (off for the moments
+    and histogram alone)."""
+
+    def __init__(self, mm: mmap.mmap, info: TensorInfo, plan: ViewPlan, bufs: Buffers, hashing: bool = True) -> None:
         self.mm = mm
         self.info = info
         self.plan = plan
-        self.dtype = TORCH_DTYPES[info.dtype]
-        category = DTYPES[info.dtype].category
-        # where a chunk is written when it is not read in place: an upcast, or a strided gather
-        if info.dtype == "float64" or category not in ("float",):
-            self.target, self.raw_target = bufs.f64, bufs.raw_f64
-        else:
-            self.target, self.raw_target = bufs.f32, bufs.raw_f32
-        self.in_place = info.dtype in ("float32", "float64")  # dense chunks are the file's own bytes
+        self.bufs = bufs
         # The digest is taken on the first walk where it sees the logical bytes in C order: a plain
         # tensor whose walk is row-major (not an expanded or permuted view); else ``digest()``
         # reads the tensor once more.
         self.hashes_in_walk = (
-            info.plain and plan.factor == 1 and (not plan.dense or plan.stride == contiguous_stride(plan.shape))
+            hashing
+            and info.plain
+            and plan.factor == 1
+            and (not plan.dense or plan.stride == contiguous_stride(plan.shape))
         )
         self._digester = digests.new_digester(info) if self.hashes_in_walk else None
         self._digest: str | None = None
+        self._ahead = 0  # the end of the range asked for with MADV_WILLNEED
 
     def digest(self) -> str:
         """The tensor's content digest (after a first complete walk, or reading it now)."""
@@ -153,15 +171,13 @@ class TensorWalker:
         return self.info.plain and self.info.dtype in FEW_MANTISSA_BITS
 
     @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype of the chunks this walker yields (float32 or float64)."""
-        return self.target.dtype
-
-    def _written(self, raw: torch.Tensor) -> Chunk:
-        n = raw.numel()
-        out = self.target[:n]
-        out.copy_(raw)
-        return Chunk(out, memoryview(self.raw_target)[: n * out.element_size()])
+    def compute_double(self) -> bool:
+        """The walk's values are computed in float64 (else float32)."""
+        if self.info.encoding is not None:
+            return False
+        if self.info.quant is not None:
+            return True
+        return computes_in_double(self.info.dtype)
 
     def chunks(self) -> Iterator[Chunk]:
         if self.info.encoding is not None:
@@ -170,7 +186,7 @@ class TensorWalker:
             from .quantized import dequantized  # it builds on this module
 
             raw = self._dense_chunks() if self.plan.dense else self._strided_chunks()
-            yield from dequantized(self.mm, self.info, raw)
+            yield from dequantized(self.mm, self.info, raw, self.bufs)
         elif self.plan.dense:
             yield from self._dense_chunks()
             self._hashed_all()
@@ -178,29 +194,42 @@ class TensorWalker:
             yield from self._strided_chunks()
             self._hashed_all()
 
+    def _read_ahead(self, at: int, end: int) -> None:
+        """Ask for the pages from ``at`` up to READAHEAD_BYTES ahead (never past ``end``), a window
+        at a time, so the disk reads the next part while this one is computed."""
+        if self._ahead >= end or at + READAHEAD_BYTES // 2 < self._ahead:
+            return
+        start = max(at, self._ahead)
+        start -= start % _PAGE
+        stop = min(end, start + READAHEAD_BYTES)
+        if stop > start:
+            self.mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
+        self._ahead = stop
+
     def _dense_chunks(self) -> Iterator[Chunk]:
         itemsize = self.info.itemsize
+        dtype = self.info.dtype
         base = self.info.storage.offset + self.plan.start * itemsize
+        end_all = base + self.plan.count * itemsize
         released = base - base % _PAGE
         release_each = self.plan.count * itemsize > WINDOW_BYTES
+        self._ahead = 0
         done = 0
-        while done < self.plan.count:
-            n = min(CHUNK_ELEMENTS, self.plan.count - done)
-            start = base + done * itemsize
-            raw = torch.frombuffer(self.mm, dtype=self.dtype, count=n, offset=start)
-            with memoryview(self.mm) as whole, whole[start : start + n * itemsize] as view:
-                self._hash(view)
-                if self.in_place:
-                    yield Chunk(raw, view)
-                else:
-                    yield self._written(raw)
-            del raw
-            done += n
-            end = base + done * itemsize
-            if release_each and end - released >= RELEASE_BYTES:
-                upto = end - end % _PAGE
-                self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
-                released = upto
+        with memoryview(self.mm) as whole:
+            while done < self.plan.count:
+                n = min(CHUNK_ELEMENTS, self.plan.count - done)
+                start = base + done * itemsize
+                if release_each:
+                    self._read_ahead(start, end_all)
+                with whole[start : start + n * itemsize] as view:
+                    self._hash(view)
+                    yield Chunk(view, n, dtype)
+                done += n
+                end = base + done * itemsize
+                if release_each and end - released >= RELEASE_BYTES:
+                    upto = end - end % _PAGE
+                    self.mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                    released = upto
         if release_each:
             self.release()
 
@@ -209,9 +238,11 @@ class TensorWalker:
         storage, block_bytes = self.info.storage, block_type(self.info).type_size
         released = storage.offset - storage.offset % _PAGE
         release_each = storage.nbytes > WINDOW_BYTES
+        raw = self.bufs.raw_f32
         for first, count in block_ranges(self.info, CHUNK_ELEMENTS):
-            n = decode_into(self.mm, self.info, first, count, self.raw_target)
-            yield Chunk(self.target[:n], memoryview(self.raw_target)[: n * 4])
+            n = decode_into(self.mm, self.info, first, count, raw)
+            with memoryview(raw) as whole, whole[: n * 4] as view:
+                yield Chunk(view, n, "float32")
             end = storage.offset + (first + count) * block_bytes
             if release_each and end - released >= RELEASE_BYTES:
                 upto = end - end % _PAGE
@@ -235,12 +266,14 @@ class TensorWalker:
             self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _strided_chunks(self) -> Iterator[Chunk]:
-        view = storage_tensor(self.mm, self.info).as_strided(self.plan.shape, self.plan.stride, self.plan.start)
+        """The view's distinct elements in C order, gathered (as raw bits) into the buffer."""
+        view = strided_array(storage_array(self.mm, self.info), self.plan.start, self.plan.shape, self.plan.stride)
+        out = self.bufs.raw_gather
         for block in row_blocks(view, CHUNK_ELEMENTS):
-            for raw in block.reshape(-1).split(CHUNK_ELEMENTS):  # type: ignore[no-untyped-call]
-                if self._digester is not None:
-                    self._hash(raw.contiguous().view(torch.uint8).numpy().data)
-                yield self._written(raw)
+            with gather_into(block, out) as gathered:
+                self._hash(gathered)
+                yield Chunk(gathered, block.size, self.info.dtype)
+        del view
 
 
 class Accumulator:
@@ -320,6 +353,8 @@ class MappedFiles:
             if path not in self._maps:
                 with open(path, "rb") as fh:
                     size = fh.seek(0, 2)
+                    if size and hasattr(os, "posix_fadvise"):  # a larger readahead window for the faults
+                        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             return self._maps[path]
 

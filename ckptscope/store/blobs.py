@@ -1,7 +1,8 @@
 """Content-addressed blob store: files named by their sha256, written atomically.
 
-Bytes stream into a temp file in the store's own ``tmp/`` (same filesystem), are hashed as
-they arrive, fsynced, then renamed into place. An aborted write leaves nothing behind.
+Bytes stream into a temp file in the store's own ``tmp/`` (same filesystem), hashed on one
+thread and written on another as they arrive (``BlobWriter``), fsynced once, then renamed into
+place. An aborted write leaves nothing behind.
 Client file names are never used as paths.
 
 Several server processes may share the store. A blob that an upload has just written (or found
@@ -21,7 +22,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,38 +46,150 @@ class Blob:
     pin: Path | None = None  # held until the upload is registered or refused (BlobStore.unpin)
 
 
+BATCH_BYTES = 4 << 20  # pieces are gathered into one writev (and one run of hash updates) this large
+BATCHES_QUEUED = 3  # per worker: at most ~5 batches (20 MiB) held, however slow the disk is
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))
+
+
+def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """One ``writev`` of the pieces (more only where the kernel takes part of them): no copy into a
+    buffer of our own."""
+    views = [memoryview(p) for p in pieces]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + IOV_MAX])
+        while first < len(views) and written >= views[first].nbytes:
+            written -= views[first].nbytes
+            first += 1
+        if written:
+            views[first] = views[first][written:]
+
+
+class _Worker:
+    """A thread doing one job (hashing, or writing the file) to each batch in turn. Two of them let
+    the hash and the writes overlap each other and the network read; the bounded queue makes the
+    sender wait when the disk is slower than the network. An error is kept for the writer to raise;
+    after one (or after ``stop``) the remaining batches are only drained."""
+
+    def __init__(self, name: str, work: Callable[[list[bytes | memoryview]], None]) -> None:
+        self._queue: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(maxsize=BATCHES_QUEUED)
+        self._work = work
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self.error is None and not self._stopped:
+                try:
+                    self._work(batch)
+                except BaseException as exc:  # raised by the writer in the uploading thread
+                    self.error = exc
+
+    def put(self, batch: list[bytes | memoryview]) -> None:
+        self._queue.put(batch)
+
+    def finish(self, *, stop: bool = False) -> None:
+        """Wait until every batch is done (with ``stop``: dropped, for an abort)."""
+        self._stopped = self._stopped or stop
+        self._queue.put(None)
+        self._thread.join()
+
+
 class BlobWriter:
+    """Bytes of one upload into a held temp file: ``write`` only gathers the pieces (references,
+    not copies) into batches of ``BATCH_BYTES``; a hashing thread and a writing thread (hashlib and
+    ``writev`` release the GIL) each take every batch in order. A file smaller than one batch is
+    hashed and written at ``commit`` without starting them. One fsync, at ``commit``."""
+
     def __init__(self, store: BlobStore, limit: int | None) -> None:
         self._store = store
         self._limit = limit
         with file_lock(store.lock_path):  # made and held in one step: never cleaned in between
             fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._file = os.fdopen(fd, "wb")
+        self._fd: int | None = fd
         self._temp = Path(name)
         self._hash = hashlib.sha256()
+        self._batch: list[bytes | memoryview] = []
+        self._batch_bytes = 0
+        self._workers: list[_Worker] = []
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
+    def write(self, data: bytes | memoryview) -> None:
+        """Take the next bytes. They are kept until written, so ``data`` must be immutable: bytes or a
+        read-only view of bytes (anything else is copied first)."""
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        self.size += size
         if self._limit is not None and self.size > self._limit:
             self.abort()
             raise TooLarge(self._limit)
-        self._hash.update(data)
-        self._file.write(data)
+        if not size:
+            return
+        self._batch.append(data)
+        self._batch_bytes += size
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= IOV_MAX:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._fd is None:
+            raise ValueError("write to a blob writer that was committed or aborted")
+        if not self._workers:
+            fd = self._fd
+            self._workers = [
+                _Worker("blob-hash", self._hash_batch),
+                _Worker("blob-write", lambda batch: _write_all(fd, batch)),
+            ]
+        self._raise_worker_error()
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        for worker in self._workers:
+            worker.put(batch)
+
+    def _hash_batch(self, batch: list[bytes | memoryview]) -> None:
+        for piece in batch:
+            self._hash.update(piece)
+
+    def _raise_worker_error(self) -> None:
+        for worker in self._workers:
+            if worker.error is not None:
+                raise worker.error
 
     def commit(self) -> Blob:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._fd is None:
+            raise ValueError("commit of a blob writer that was committed or aborted")
+        if self._workers:
+            if self._batch:
+                self._dispatch()
+            for worker in self._workers:
+                worker.finish()
+            self._raise_worker_error()
+            self._workers = []
+        elif self._batch:  # smaller than one batch: no threads
+            self._hash_batch(self._batch)
+            _write_all(self._fd, self._batch)
+        self._batch = []
+        os.fsync(self._fd)
         try:  # still held while it is moved into place
             return self._store._place(self._temp, self._hash.hexdigest(), self.size)
         finally:
-            self._file.close()
+            self._close()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Drop the upload: the threads stop (after the batch each is on) and the temp file goes."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.finish(stop=True)
+        self._batch = []
+        self._close()
         self._temp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 def check_writable(root: Path) -> None:

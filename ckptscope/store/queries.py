@@ -7,10 +7,10 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -28,7 +28,7 @@ from ckptscope.formats.model import (
     resolve_root,
 )
 from ckptscope.stats.model import STATISTICS, LogHistogram, TensorStats, finite_or_none
-from ckptscope.stats.tree import build_tree
+from ckptscope.stats.tree import NonFiniteCounts, build_tree
 
 from .blobs import BlobStore
 from .catalogue import (
@@ -49,6 +49,9 @@ from .catalogue import (
 )
 
 SORTABLE = ("position", "name", "numel", "nbytes", *(s.name for s in STATISTICS))
+# A tensor row as the readers below get it: the tensors table's columns by name (a Core select's
+# row mapping; building ORM objects for 50,000 rows costs more than everything else a page does).
+TensorColumns = Mapping[Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,22 +333,24 @@ class CatalogueQueries:
 
         return retry_conflicts(transaction)
 
-    def row_to_info(self, row: TensorRow, root: str = "") -> TensorInfo:
-        storage = StorageRef(self.location(row.file_sha), row.storage_byte_offset, row.storage_nbytes, row.storage_key)
+    def row_to_info(self, row: TensorColumns, root: str = "") -> TensorInfo:
+        storage = StorageRef(
+            self.location(row["file_sha"]), row["storage_byte_offset"], row["storage_nbytes"], row["storage_key"]
+        )
         return TensorInfo(
-            relative_name(row.name, root) or row.name,
-            row.dtype,
-            tuple(json.loads(row.shape)),
-            tuple(json.loads(row.stride)),
-            row.storage_offset,
+            relative_name(row["name"], root) or row["name"],
+            row["dtype"],
+            int_tuple(row["shape"]),
+            int_tuple(row["stride"]),
+            row["storage_offset"],
             storage,
-            row.kind,
-            relative_name(row.alias_of, root) if row.alias_of else None,
-            row.kind_source,
-            row.encoding,
-            row.file_dtype,
-            self._pieces_from_json(row.name, row.pieces),
-            quant_from_json(json.loads(row.quant), self._part_from_json) if row.quant else None,
+            row["kind"],
+            relative_name(row["alias_of"], root) if row["alias_of"] else None,
+            row["kind_source"],
+            row["encoding"],
+            row["file_dtype"],
+            self._pieces_from_json(row["name"], row["pieces"]),
+            quant_from_json(json.loads(row["quant"]), self._part_from_json) if row["quant"] else None,
         )
 
     def _part_from_json(self, data: list[Any], name: str = "") -> TensorInfo:
@@ -359,54 +364,71 @@ class CatalogueQueries:
             return ()
         return tuple(Piece(tuple(row[0]), self._part_from_json(row[1:], name)) for row in json.loads(text))
 
-    def tensor_page(
-        self,
-        content: Content,
-        root: str,
-        *,
-        prefix: str = "",
-        search: str = "",
-        kind: str | None = None,
-        only_nonfinite: bool = False,
-        sort: str = "position",
-        descending: bool = False,
-        offset: int = 0,
-        limit: int = 100,
-    ) -> TensorPage:
-        check_sort(sort)
-        base = _root_filter(select(TensorRow), content, root, prefix)
-        if search:
-            base = base.where(func.lower(TensorRow.name).like("%" + _like_prefix(search.lower()), escape="\\"))
-        if kind in ("parameter", "buffer"):
-            base = base.where(TensorRow.kind == kind)
-        elif kind == "alias":
-            base = base.where(TensorRow.alias_of.is_not(None))
-        if only_nonfinite:
-            base = base.where((TensorRow.nan > 0) | (TensorRow.inf > 0))
-        column = getattr(TensorRow, sort)
-        order = [column.desc() if descending else column.asc(), TensorRow.position.asc()]
-        if sort not in ("position", "name", "numel", "nbytes"):
-            order.insert(0, column.is_(None))  # rows without stats last, either direction
+    def tensor_page(self, content: Content, root: str, **query: Any) -> TensorPage:
+        """A page of a root's tensors with their stats (``tensor_rows`` says which)."""
+        total, rows = self.tensor_rows(content, root, **query)
+        return TensorPage(total, [(self.row_to_info(r, root), row_to_stats(r)) for r in rows])
+
+    def tensor_rows(self, content: Content, root: str, **query: Any) -> tuple[int, list[TensorColumns]]:
+        """How many tensors of a root match ``query`` (``_page_query``), and the page of them as
+        plain rows of the tensors table (``row_to_info``/``row_to_stats`` map them; the API's page
+        writes them straight from their columns)."""
+        base, order, offset, limit = _page_query(_tensor_columns(), content, root, **query)
         with self.catalogue.session() as session:
             total = session.scalar(select(func.count()).select_from(base.subquery()))
-            rows = session.scalars(base.order_by(*order).offset(offset).limit(limit)).all()
-        return TensorPage(total or 0, [(self.row_to_info(r, root), row_to_stats(r)) for r in rows])
+            rows: list[TensorColumns] = [
+                r._mapping for r in session.execute(base.order_by(*order).offset(offset).limit(limit))
+            ]
+        return total or 0, rows
+
+    def tensor_positions(self, content: Content, root: str, **query: Any) -> tuple[int, list[int]]:
+        """``tensor_rows`` as the rows' positions only (for a caller that has the rows already)."""
+        base, order, offset, limit = _page_query(select(TensorRow.position), content, root, **query)
+        with self.catalogue.session() as session:
+            total = session.scalar(select(func.count()).select_from(base.subquery()))
+            positions = list(session.scalars(base.order_by(*order).offset(offset).limit(limit)))
+        return total or 0, positions
+
+    def tensor_rows_at(self, content: Content, positions: Sequence[int]) -> list[TensorColumns]:
+        """The rows of a content's tensors at these positions (in no particular order)."""
+        rows: list[TensorColumns] = []
+        with self.catalogue.session() as session:
+            for i in range(0, len(positions), 5000):  # bound the statement's parameters
+                chunk = positions[i : i + 5000]
+                stmt = _tensor_columns().where(TensorRow.content_key == content.key, TensorRow.position.in_(chunk))
+                rows += [r._mapping for r in session.execute(stmt)]
+        return rows
 
     def tensor_detail(self, content: Content, root: str, name: str) -> tuple[TensorInfo, TensorStats | None]:
         full = f"{root}.{name}" if root else name
         with self.catalogue.session() as session:
-            row = session.scalars(
-                select(TensorRow).where(TensorRow.content_key == content.key, TensorRow.name == full).limit(1)
+            found = session.execute(
+                _tensor_columns().where(TensorRow.content_key == content.key, TensorRow.name == full).limit(1)
             ).first()
-        if row is None:
+        if found is None:
             raise NotFound(f"no tensor named {name!r} under root {root!r}")
-        return self.row_to_info(row, root), row_to_stats(row)
+        return self.row_to_info(found._mapping, root), row_to_stats(found._mapping)
 
     def all_tensors(self, content: Content, root: str = "") -> list[tuple[TensorInfo, TensorStats | None]]:
         with self.catalogue.session() as session:
-            stmt = _root_filter(select(TensorRow), content, root).order_by(TensorRow.position)
-            rows = session.scalars(stmt).all()
+            stmt = _root_filter(_tensor_columns(), content, root).order_by(TensorRow.position)
+            rows = [r._mapping for r in session.execute(stmt)]
         return [(self.row_to_info(r, root), row_to_stats(r)) for r in rows]
+
+    def tree_inputs(self, content: Content, root: str = "") -> tuple[list[TensorInfo], dict[str, NonFiniteCounts]]:
+        """What a module tree of a root is built from: its tensors in file order, and the NaN and Inf
+        counts of those that have any (the rest of their stats is neither read nor parsed)."""
+        listed = [c for c in _tensors_table().c if c.name not in ("hist", "init", "digest")]
+        stmt = _root_filter(select(*listed), content, root).order_by(TensorRow.position)
+        with self.catalogue.session() as session:
+            rows = [r._mapping for r in session.execute(stmt)]
+        tensors = [self.row_to_info(r, root) for r in rows]
+        counts = {
+            t.name: NonFiniteCounts(r["nan"], r["inf"])
+            for t, r in zip(tensors, rows, strict=True)
+            if r["nan"] or r["inf"]
+        }
+        return tensors, counts
 
     def module_types_of(self, content_key: str) -> dict[str, str]:
         """The classes of a content's pickled modules (full module path -> class), {} if none."""
@@ -417,8 +439,8 @@ class CatalogueQueries:
     def stats_inputs(self, content_key: str) -> list[tuple[int, TensorInfo]]:
         """Every tensor of a content with its position, full names: what a stats job reads."""
         with self.catalogue.session() as session:
-            rows = session.scalars(select(TensorRow).where(TensorRow.content_key == content_key)).all()
-            return [(r.position, self.row_to_info(r)) for r in rows]
+            rows = session.execute(_tensor_columns().where(TensorRow.content_key == content_key))
+            return [(r.position, self.row_to_info(r._mapping)) for r in rows]
 
     def save_stats(self, content_key: str, stats_by_position: dict[int, TensorStats]) -> int:
         """Write computed stats; returns how many rows were updated (0 when the content is gone)."""
@@ -558,25 +580,36 @@ def check_root(content: Content, root: str | None) -> str:
     return resolve_root(root, content.default_root, [r["path"] for r in content.roots])
 
 
-def row_to_stats(row: TensorRow) -> TensorStats | None:
-    if row.hist is None:
+def int_tuple(text: str) -> tuple[int, ...]:
+    """A stored shape or stride (``"[8,16]"``) as a tuple; a checkpoint repeats a few shapes
+    thousands of times, so each text is parsed once."""
+    return _parsed_ints(text)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in json.loads(text))
+
+
+def row_to_stats(row: TensorColumns) -> TensorStats | None:
+    if row["hist"] is None:
         return None
-    hist = json.loads(row.hist)
+    hist = json.loads(row["hist"])
     values: dict[str, Any] = {}
     for s in STATISTICS:
-        v = getattr(row, s.name)
+        v = row[s.name]
         values[s.name] = v if s.is_float else (v or 0)
     log = hist.get("log")
     return TensorStats(
-        numel=row.numel,
+        numel=row["numel"],
         hist=hist["bins"],
         hist_min=hist["min"],
         hist_max=hist["max"],
         note=hist.get("note"),
         percentiles=hist.get("percentiles"),
         log_hist=None if log is None else LogHistogram.from_json(log),
-        digest=row.digest,
-        init=None if row.init is None else json.loads(row.init),
+        digest=row["digest"],
+        init=None if row["init"] is None else json.loads(row["init"]),
         **values,
     )
 
@@ -601,6 +634,11 @@ def _tensors_table() -> Table:
     return cast(Table, TensorRow.__table__)
 
 
+def _tensor_columns() -> Any:
+    """A select of every column of the tensors table, returning plain rows (``TensorColumns``)."""
+    return select(*_tensors_table().c)
+
+
 def _delete_content(session: Any, key: str) -> list[str]:
     """Delete a content's rows (its tensors, digests, files, and the referenced objects no other
     content reads); returns its files' keys."""
@@ -619,6 +657,40 @@ def source_location(url: str) -> str:
     URLs, the URL itself for an object store."""
     parts = urlsplit(url)
     return unquote(parts.path) if parts.scheme == "file" else url
+
+
+def _page_query(
+    stmt: Any,
+    content: Content,
+    root: str,
+    *,
+    prefix: str = "",
+    search: str = "",
+    kind: str | None = None,
+    only_nonfinite: bool = False,
+    sort: str = "position",
+    descending: bool = False,
+    offset: int = 0,
+    limit: int = 100,
+) -> tuple[Any, list[Any], int, int]:
+    """A tensor list's select (``stmt`` filtered to a root's tensors that match), its order, offset
+    and limit: names under ``prefix``, containing ``search`` (case-insensitive), of a ``kind``
+    (parameter, buffer, alias), with NaN or Inf only, sorted by a ``SORTABLE`` column."""
+    check_sort(sort)
+    base = _root_filter(stmt, content, root, prefix)
+    if search:
+        base = base.where(func.lower(TensorRow.name).like("%" + _like_prefix(search.lower()), escape="\\"))
+    if kind in ("parameter", "buffer"):
+        base = base.where(TensorRow.kind == kind)
+    elif kind == "alias":
+        base = base.where(TensorRow.alias_of.is_not(None))
+    if only_nonfinite:
+        base = base.where((TensorRow.nan > 0) | (TensorRow.inf > 0))
+    column = getattr(TensorRow, sort)
+    order = [column.desc() if descending else column.asc(), TensorRow.position.asc()]
+    if sort not in ("position", "name", "numel", "nbytes"):
+        order.insert(0, column.is_(None))  # rows without stats last, either direction
+    return base, order, offset, limit
 
 
 def _root_filter(stmt: Any, content: Content, root: str, prefix: str = "") -> Any:

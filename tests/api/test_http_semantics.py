@@ -270,7 +270,9 @@ def test_with_a_token_cached_answers_are_private(tmp_path):
         assert client.get(f"/api/v1/checkpoints/{cid}/tree", headers={"If-None-Match": "*"}).status_code == 401
 
 
-def test_a_304_is_cheaper_than_the_200_it_stands_for(client, tmp_path, monkeypatch):
+def test_a_304_reads_no_tensor_page(client, tmp_path, monkeypatch):
+    """A revalidation is answered from the checkpoint's validators alone (how much cheaper that is
+    is measured by bench/pages.py, not here)."""
     torch.manual_seed(0)
     path = f.save_safetensors({f"blocks.{i}.w": torch.randn(16, 16) for i in range(300)}, tmp_path / "300.safetensors")
     cid = uploaded(client, path)["id"]
@@ -280,19 +282,6 @@ def test_a_304_is_cheaper_than_the_200_it_stands_for(client, tmp_path, monkeypat
     assert len(full.json()["tensors"]) == 300
     etag = full.headers["etag"]
 
-    def best_of(headers: dict[str, str], status: int, runs: int = 15) -> float:
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            r = client.get(url, headers=headers)
-            times.append(time.perf_counter() - started)
-            assert r.status_code == status
-        return min(times)
-
-    ok, not_modified = best_of({}, 200), best_of({"If-None-Match": etag}, 304)
-    print(f"300 tensors: 200 in {ok * 1e3:.2f} ms, 304 in {not_modified * 1e3:.2f} ms")
-    assert not_modified < 0.5 * ok, (not_modified, ok)
-
     # the 304 is decided before the page is read: no tensor query at all
     import ckptscope.services.checkpoints as svc
 
@@ -300,6 +289,10 @@ def test_a_304_is_cheaper_than_the_200_it_stands_for(client, tmp_path, monkeypat
         raise AssertionError("a 304 read the tensor page")
 
     monkeypatch.setattr(svc, "tensor_page", no_page)
+    from ckptscope.store.queries import CatalogueQueries  # the tensors route reads its rows here
+
+    for reader in ("tensor_rows", "tensor_positions", "tensor_rows_at"):
+        monkeypatch.setattr(CatalogueQueries, reader, no_page)
     assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
 
 

@@ -134,7 +134,7 @@ def test_stats_device_setting_selects_the_device_engine(tmp_path):
 
 
 def test_stats_device_names_are_checked_at_start():
-    from ckptscope.stats.torch_engine import resolve_device
+    from ckptscope.stats.devices import resolve_device
 
     assert resolve_device("") is None and resolve_device("host") is None
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else None)

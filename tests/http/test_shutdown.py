@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from ckptscope.store.blobs import BlobStore
+from ckptscope.store.blobs import BATCH_BYTES, BlobStore
 from tests.servers import Server
 
 
 def start_slow_upload(server: Server, declared: int = 64 << 20) -> socket.socket:
-    """A raw upload that declares ``declared`` bytes and sends only the first MB: in flight until
-    the socket closes."""
+    """A raw upload that declares ``declared`` bytes and sends only two of the blob writer's batches
+    (so the first is on disk): in flight until the socket closes."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     head = (
         f"POST /api/v1/checkpoints?filename=slow.bin HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
         f"Content-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n"
     )
-    sock.sendall(head.encode() + os.urandom(1 << 20))
+    sock.sendall(head.encode() + os.urandom(2 * BATCH_BYTES))
     return sock
 
 

@@ -101,7 +101,13 @@ def run_kernel_tests(built: Path, tmp: Path, tests: list[str]) -> tuple[subproce
     return done, reports, json.loads(report.read_text()) if report.exists() else {}
 
 
-KERNEL_TESTS = ["tests/stats/test_kernel_safety.py", "tests/stats/test_engines.py", "-k", "kernel"]
+KERNEL_TESTS = [
+    "tests/stats/test_kernel_safety.py",
+    "tests/stats/test_kernel_dtypes.py",  # every dtype's loops, tails and checking loops
+    "tests/stats/test_engines.py",
+    "-k",
+    "kernel",  # every test of the two kernel files (their module names match), the engines' kernel cases
+]
 
 
 def test_kernel_tests_pass_under_asan_and_ubsan(tmp_path):
@@ -161,6 +167,17 @@ def test_misaligned_buffers_are_read_without_undefined_behaviour(tmp_path):
         sub = array("q", bytes(8 * 65536))
         kernel.pass2(memoryview(raw)[1:], 4, False, True, 2.5, 1.0, 16.0, hist, bytes(lut), bytearray(), 0, sub)
         assert sub[0] == 1 and sum(sub) == 1  # 1.0's key 0xBF800000: its next 16 bits are 0
+        # every stored width at an odd address: bfloat16 (code 3), float16 (2), int64 (12), bool (14)
+        for code, item, values in ((3, 2, b"\\x80\\x3f" * 40), (2, 2, b"\\x00\\x3c" * 40), (12, 8, bytes(8) * 40),
+                                   (14, 1, b"\\x01" * 40)):
+            raw = memoryview(bytearray(1) + values)[1:]
+            finite, *_ = kernel.pass1(raw, 40, code, array("q", bytes(8 * 65536)))
+            kernel.pass1(raw, 40, code, bytearray())
+            kernel.pass2(raw, 40, code, False, 0.5, 0.0, 1.0, hist, b"", bytearray(), 0, bytearray())
+            width = 8 if code in (12, 14) else 4
+            out = memoryview(bytearray(40 * width + 1))[1:]
+            kernel.convert(raw, 40, code, out)
+            assert finite == 40 and len(out) == 40 * width
         """
     )
     env = os.environ | sk.sanitizer_env(LIBASAN, log_path=tmp_path / "sanitizer") | {"PYTHONPATH": str(ROOT)}

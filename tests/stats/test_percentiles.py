@@ -29,6 +29,7 @@ from ckptscope.stats import walk
 from ckptscope.stats.batch import SMALL_ELEMENTS, batchable
 from ckptscope.stats.engine import Engine, choose_engine, compute_stats
 from ckptscope.stats.model import PERCENTILES, TensorStats
+from ckptscope.stats.torch_engine import torch_key_counts
 from ckptscope.stats.walk import Buffers, MappedFiles
 from tests.formats.test_gguf import reference_values, write_gguf
 
@@ -438,7 +439,7 @@ def test_counted_fallback_on_every_path(files, engine, monkeypatch):
 def test_plan_ranks_says_what_pass_2_gathers():
     x = torch.tensor([1.0, 2.0, 3.0, float("nan"), float("inf")], dtype=torch.float32)
     counts = pct.new_key_counts()
-    counts += pct.torch_key_counts(x)  # every key, NaN and Inf bins included: they are not counted
+    counts += torch_key_counts(x)  # every key, NaN and Inf bins included: they are not counted
     plan = pct.plan_ranks(counts, 1, False)
     assert plan is not None and plan.total == 3 and plan.collect
     assert plan.ranks == [0, 1, 2] and plan.wanted == 3
@@ -563,13 +564,13 @@ def test_one_pass_over_a_float32_then_a_float64_tensor(tmp_path):
 def test_a_reused_collection_buffer_fits_the_next_dtype():
     """The bug above at the level of RankPlan: a buffer reused for float64 values holds whole ones."""
     counts = pct.new_key_counts()
-    counts += pct.torch_key_counts(torch.full((10,), 0.5))
+    counts += torch_key_counts(torch.full((10,), 0.5))
     f32 = pct.plan_ranks(counts, 1, False)
     assert f32 is not None and f32.wanted == 10
     buffer = f32.collect_buffer()
     assert len(buffer) >= 11 * 4
     counts64 = pct.new_key_counts()
-    counts64 += pct.torch_key_counts(torch.tensor([0.5, 0.25], dtype=torch.float64))
+    counts64 += torch_key_counts(torch.tensor([0.5, 0.25], dtype=torch.float64))
     f64 = pct.plan_ranks(counts64, 1, True)
     assert f64 is not None and f64.wanted == 2
     reused = f64.collect_buffer(buffer)

@@ -167,9 +167,8 @@ def report(r: dict) -> str:
                 f": short by {TARGET - ratio:.2f}x: the upload needs CPU that dd does not (the server "
                 f"used {r[key]['server_cpu_s']:.1f} s of CPU, plus the httpx client's), and on this 2-core "
                 "machine it shares the cores with the client and with whatever else runs (load average "
-                f"{load}), while dd mostly waits on the disk; py-spy puts most of the event loop's share in "
-                "recv and uvicorn's pure-Python h11 parser copying each body message (httptools is not "
-                "installed) |"
+                f"{load}), while dd mostly waits on the disk; what multipart adds over a raw body is "
+                "python-multipart's pure-Python parser, called for every body message |"
             )
         return line
 

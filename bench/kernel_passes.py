@@ -41,6 +41,8 @@ from types import ModuleType
 
 import numpy as np
 
+from bench.sections import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- kernel_passes:begin -->", "<!-- kernel_passes:end -->"
 N = 1 << 20
@@ -232,15 +234,6 @@ def report(r: dict) -> str:
     return "\n".join(line for line in lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    old = out.read_text() if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", nargs="+")
@@ -255,7 +248,7 @@ def main() -> int:
         return 0
     args.reps = 5 if args.quick else 25
     results = run(args)
-    write_section(Path(args.out), report(results))
+    write_section(Path(args.out), report(results), BEGIN, END)
     print(json.dumps(results))
     return 0
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from bench.files import small_shapes, write_safetensors
+from bench.sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- pages:begin -->", "<!-- pages:end -->"
@@ -260,15 +261,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    old = out.read_text() if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -280,7 +272,7 @@ def main() -> int:
     if args.quick:
         args.requests = min(args.requests, 5)
     results = run(args)
-    write_section(Path(args.out), report(results))
+    write_section(Path(args.out), report(results), BEGIN, END)
     print(json.dumps(results))
     return 0
 

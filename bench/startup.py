@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.sections import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
 TENSORS = 20_000
@@ -308,15 +310,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    old = out.read_text() if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", nargs=2, metavar=("TASK", "PATH"))
@@ -330,7 +323,7 @@ def main() -> int:
         print(json.dumps(PROBES[task](path)))
         return 0
     results = run(args)
-    write_section(Path(args.out), report(results))
+    write_section(Path(args.out), report(results), BEGIN, END)
     print(json.dumps({k: v for k, v in results.items() if k != "all"}))
     return 0
 

@@ -30,6 +30,7 @@ import httpx
 
 from bench.files import llm_shapes, write_safetensors
 from bench.run import _free_port
+from bench.sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- uploads:begin -->", "<!-- uploads:end -->"
@@ -205,15 +206,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    old = out.read_text() if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -222,7 +214,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     results = run(args)
-    write_section(Path(args.out), report(results))
+    write_section(Path(args.out), report(results), BEGIN, END)
     print(json.dumps(results))
     return 0
 

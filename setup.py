@@ -46,7 +46,7 @@ setup(
         Extension(
             "ckptscope.stats._kernel",
             [SOURCE],
-            extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", *branch_padding()],
+            extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", *branch_padding()],
             define_macros=[("CKPTSCOPE_KERNEL_SOURCE_SHA256", f'"{source_sha}"')],
             optional=True,
         )

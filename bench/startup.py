@@ -264,10 +264,12 @@ WHY = {
     "help": "argparse and the CLI's own modules are what is left on the path; the bare interpreter "
     "takes {python:.0f} ms of it on this machine",
     "ready": "importing FastAPI, SQLAlchemy and the routes, migrating the catalogue and uvicorn's start; torch {torch}",
-    "list_pt": "the pickle walker is the pure-Python unpickler (the C one is not safe to use: its memo "
-    "array grows to the largest index a file names), about 640,000 opcodes for 20,000 tensors, then "
-    "the recorded graph is interpreted and validated tensor by tensor; the per-opcode Python cost is "
-    "the floor of this design",
+    "list_pt": "torch.save's state-dict pickle is read by a checked pattern (formats/torch_save_pattern.py: "
+    "a compiled regex per tensor entry, every memo reference checked, anything else falls back to the "
+    "pure-Python unpickler; the C one is not safe to use, its memo array grows to the largest index a "
+    "file names); what is left is Python's zipfile reading the 20,000-entry central directory and the "
+    "archive's checks (~50 ms each), building 20,000 tensor records (~25 ms) and checking each view "
+    "against its storage (~50 ms)",
     "list_st": "json.loads of the 2 MB header is about half of it; the rest is the per-entry checks",
 }
 

@@ -59,19 +59,20 @@ def _open(path: str) -> Checkpoint:
     the catalogue (``make_storable``). Statistics are computed here, on the validated listing.
     ``s3://bucket/key`` is listed where it lives, by its header ranges (AWS environment
     credentials); ``file:///path`` is the local path."""
-    from ckptscope.config import Settings
+    from ckptscope.config import command_settings
     from ckptscope.formats.sandbox import open_checkpoint_sandboxed
 
     try:
         if path.startswith("s3://"):
             from ckptscope.services.references import open_remote
 
-            listing, reader = open_remote(path, Settings().parse_limits)
+            listing, reader = open_remote(path, command_settings().parse_limits)
             _READERS[id(listing)] = reader
             return listing
         local = _local_path(path)
         # absolute: the child runs in another directory; shards=None: shards beside a local index
-        listing = open_checkpoint_sandboxed(os.path.abspath(local), limits=Settings().parse_limits, shards=None)
+        limits = command_settings().parse_limits
+        listing = open_checkpoint_sandboxed(os.path.abspath(local), limits=limits, shards=None)
         make_storable(listing)
     except CkptscopeError as exc:
         raise UnreadableInput(path, exc) from None
@@ -198,16 +199,16 @@ def _scheduler_argument(value: str) -> str:
 
 def _dask_scheduler(given: str | None) -> str | None:
     """``--dask``, else CKPTSCOPE_DASK_SCHEDULER; None for this process's threads."""
-    from ckptscope.config import Settings
+    from ckptscope.config import command_settings
 
-    return given or Settings().dask_scheduler or None
+    return given or command_settings().dask_scheduler or None
 
 
 def _thresholds() -> Thresholds:
     """The findings' thresholds (CKPTSCOPE_FINDINGS_THRESHOLDS, else the defaults)."""
-    from ckptscope.config import Settings
+    from ckptscope.config import command_settings
 
-    return Settings().findings_threshold_values
+    return command_settings().findings_threshold_values
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
@@ -549,11 +550,11 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    from ckptscope.config import Settings
+    from ckptscope.config import command_settings
     from ckptscope.services.previews import spectrum_for, stats_device
 
     listing, info = _listed_tensor(args)
-    device = stats_device(args.device if args.device is not None else Settings().stats_device)
+    device = stats_device(args.device if args.device is not None else command_settings().stats_device)
     with _readable(listing, [info]) as (local,):
         spectrum = spectrum_for(local, device)
     data = spectrum.to_json()

@@ -1,26 +1,39 @@
 """Checkpoint readers: sniff by content, list tensors without reading their bytes.
 
-No FastAPI (and no torch) imports here.
+No FastAPI (and no torch) imports here. Importing the package imports the model and the sniffer
+only; each reader is imported when a file of its kind is read (``import_readers`` imports, ahead
+of time, the ones a path needs: the sandboxed child does so before it arms its audit hook). The
+readers' names are attributes of the package all the same (``from ckptscope.formats import
+read_gguf``), imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ckptscope.errors import CheckpointError
 
-from .dcp import directory_resolver, is_dcp_metadata, read_dcp, read_dcp_directory
-from .folder import read_directory, read_folder
 from .gc_pause import paused_gc
-from .gguf_format import read_gguf
 from .model import DTYPES, Checkpoint, RootInfo, StorageRef, TensorInfo
-from .ranged_path import as_path
-from .safetensors_format import read_safetensors
-from .sharded import ShardResolver, read_sharded
+from .ranged_path import as_path, is_ranged
 from .sniff import sniff
-from .torch_legacy import read_torch_legacy
-from .torch_zip import read_torch_zip
+
+if TYPE_CHECKING:  # at run time: ``__getattr__``
+    from .dcp import directory_resolver as directory_resolver
+    from .dcp import is_dcp_metadata as is_dcp_metadata
+    from .dcp import read_dcp as read_dcp
+    from .dcp import read_dcp_directory as read_dcp_directory
+    from .folder import read_directory as read_directory
+    from .folder import read_folder as read_folder
+    from .gguf_format import read_gguf as read_gguf
+    from .safetensors_format import read_safetensors as read_safetensors
+    from .sharded import ShardResolver as ShardResolver
+    from .sharded import read_sharded as read_sharded
+    from .torch_legacy import read_torch_legacy as read_torch_legacy
+    from .torch_zip import read_torch_zip as read_torch_zip
 
 __all__ = [
     "DTYPES",
@@ -29,12 +42,66 @@ __all__ = [
     "RootInfo",
     "StorageRef",
     "TensorInfo",
+    "import_readers",
     "is_dcp_metadata",
     "open_checkpoint",
     "read_dcp",
     "read_dcp_directory",
     "sniff",
 ]
+
+# the package's names that live in a reader's module, imported on first use (``__getattr__``)
+_LAZY = {
+    "directory_resolver": "dcp",
+    "is_dcp_metadata": "dcp",
+    "read_dcp": "dcp",
+    "read_dcp_directory": "dcp",
+    "read_directory": "folder",
+    "read_folder": "folder",
+    "read_gguf": "gguf_format",
+    "read_safetensors": "safetensors_format",
+    "ShardResolver": "sharded",
+    "read_sharded": "sharded",
+    "read_torch_legacy": "torch_legacy",
+    "read_torch_zip": "torch_zip",
+}
+# the reader modules a file of each sniffed kind is read with (a pickle may be a DCP .metadata);
+# a directory, an uploaded folder or a sharded index may hold files of any kind: all of them
+_KIND_READERS: dict[str, tuple[str, ...]] = {
+    "safetensors": ("safetensors_format",),
+    "zip": ("torch_zip",),
+    "pickle": ("torch_legacy", "dcp"),
+    "gguf": ("gguf_format",),
+}
+_ALL_READERS = ("dcp", "folder", "gguf_format", "safetensors_format", "sharded", "torch_legacy", "torch_zip")
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def import_readers(path: str | Path | None = None) -> None:
+    """Import every reader module ``open_checkpoint(path)`` may use: for a file, those of its
+    sniffed kind; for a directory, an object in a store, a file that cannot be sniffed, or None,
+    all of them. The sandboxed child calls this before it arms its audit hook, which refuses any
+    import after (a reader module missing here is a refused parse, never an unguarded import)."""
+    modules: tuple[str, ...] = _ALL_READERS
+    if path is not None:
+        try:
+            target = as_path(path)
+            if not is_ranged(target) and not target.is_dir():
+                kind = sniff(target)
+                modules = _ALL_READERS if kind == "json" else _KIND_READERS.get(kind, ())
+        except Exception:  # open_checkpoint will say what is wrong with it
+            modules = _ALL_READERS
+    for module in modules:
+        __import__(f"{__name__}.{module}")  # the import statement's way: -X importtime shows it
+
 
 _REFUSALS = {
     "empty": ("empty", "the file is empty"),
@@ -53,12 +120,20 @@ _REFUSALS = {
 def _open_single(path: Path) -> Checkpoint:
     kind = sniff(path)
     if kind == "safetensors":
+        from .safetensors_format import read_safetensors
+
         return read_safetensors(path)
     if kind == "zip":
+        from .torch_zip import read_torch_zip
+
         return read_torch_zip(path)
     if kind == "pickle":
+        from .torch_legacy import read_torch_legacy
+
         return read_torch_legacy(path)
     if kind == "gguf":
+        from .gguf_format import read_gguf
+
         return read_gguf(path)
     if kind == "json":
         raise CheckpointError("not_checkpoint", "a sharded index cannot be a shard of another index")
@@ -90,6 +165,8 @@ def open_checkpoint(
     kind = "unknown"
     try:
         if folder is not None or path.is_dir():
+            from .folder import read_directory, read_folder
+
             with paused_gc():
                 if folder is not None:
                     return read_folder(folder, open_checkpoint)
@@ -97,9 +174,14 @@ def open_checkpoint(
         kind = sniff(path)
         with paused_gc():
             if kind == "json":
+                from .sharded import read_sharded
+
                 return read_sharded(path, _open_single, resolve_shard, name)
-            if kind == "pickle" and is_dcp_metadata(path):  # a torch.distributed.checkpoint .metadata
-                return read_dcp(path, resolve_shard or directory_resolver(path.parent))
+            if kind == "pickle":
+                from .dcp import directory_resolver, is_dcp_metadata, read_dcp
+
+                if is_dcp_metadata(path):  # a torch.distributed.checkpoint .metadata
+                    return read_dcp(path, resolve_shard or directory_resolver(path.parent))
             return _open_single(path)
     except CheckpointError:
         raise

@@ -12,10 +12,7 @@ Run as ``python -m ckptscope.formats.sandbox`` with a JSON request on stdin; pri
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,8 @@ from ckptscope.errors import CheckpointError
 
 from .model import Checkpoint, checkpoint_from_json, checkpoint_to_json
 
-log = logging.getLogger("ckptscope.sandbox")
+# the parent's side (``run_sandboxed``) imports logging, signal and subprocess when it runs a child:
+# the child, which runs this module, needs none of them
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BLOCKED_EVENTS = (
     "os.system",
@@ -86,23 +84,27 @@ def _arm_audit_hook(violations: list[str]) -> None:
 
 
 def _worker() -> int:
-    # everything the readers may need is imported before the hook is armed
+    # everything the readers may need is imported before the hook is armed: the text codecs, and
+    # the reader modules this request's file is read with (all of them for a folder, a directory,
+    # a sharded index or an object store's bytes)
     import collections  # noqa: F401
     import encodings.ascii
     import encodings.cp437
     import encodings.latin_1
     import encodings.utf_8  # noqa: F401
-    import pickle  # noqa: F401
-    import zipfile  # noqa: F401
 
-    from . import open_checkpoint
-    from .ranged_sandbox import child_context, trace_json
+    from . import import_readers, open_checkpoint
 
     request = json.loads(sys.stdin.read())
     given = request.get("shards")
     shards = None if given is None else {k: Path(v) for k, v in given.items()}
     # a ranged round (ranged.py): the fetched bytes of an object store, opened before the hook
-    ranged = None if request.get("ranged") is None else child_context(request["ranged"])
+    ranged = None
+    if request.get("ranged") is not None:
+        from .ranged_sandbox import child_context, trace_json
+
+        ranged = child_context(request["ranged"])
+    import_readers(None if request.get("folder") or ranged is not None else request["path"])
     violations: list[str] = []
     _arm_audit_hook(violations)
     try:
@@ -173,12 +175,19 @@ def answer_error(answer: dict[str, Any]) -> CheckpointError:
 def run_sandboxed(request: dict[str, Any], limits: Limits, what: str) -> dict[str, Any]:
     """Run one request in the sandboxed child; its JSON answer (``ok`` true or false). A child
     that ran out of time, memory or CPU, crashed or answered nothing is a CheckpointError."""
+    import signal
+    import subprocess
+
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(PROJECT_ROOT),
         "PYTHONDONTWRITEBYTECODE": "1",
         "LANG": "C.UTF-8",
     }
+    if sys.pycache_prefix:
+        # this process reads its bytecode from a cache elsewhere (bench/startup.py's, a source
+        # checkout with PYTHONDONTWRITEBYTECODE): the child reads the same, and writes none
+        env["PYTHONPYCACHEPREFIX"] = os.path.abspath(sys.pycache_prefix)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "ckptscope.formats.sandbox"],
@@ -203,6 +212,9 @@ def run_sandboxed(request: dict[str, Any], limits: Limits, what: str) -> dict[st
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         if "MemoryError" in tail[0]:
             raise CheckpointError("limit_exceeded", "reading the file needs more memory than allowed") from None
+        import logging
+
+        log = logging.getLogger("ckptscope.sandbox")
         log.warning("the parser failed on %s: %s", what, tail[0][:500])  # the details stay in the log
         raise CheckpointError("parser_crashed", "the parser failed on this file") from None
     if not isinstance(answer, dict):

@@ -22,10 +22,12 @@ from typing import Any, BinaryIO
 from ckptscope.errors import CheckpointError
 
 from .model import Checkpoint, StorageRef
-from .pickle_graph import WorkBudget
+from .pickle_graph import Census, WorkBudget
+from .pickle_report import Roles, build_report
 from .pickled_tree import build_checkpoint
 from .ranged_path import RangedFile, as_path, will_read
-from .torch_pickle import PickledStorage, PickleReader
+from .torch_pickle import PickledStorage, PickleReader, role_of
+from .torch_save_pattern import read_state_dict_pickle
 from .zip_kinds import zip_refusal
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -345,9 +347,11 @@ def _validated(
     pickled = fh.read_at(data_offsets[pkl_info.filename], pkl_info.file_size)
     known = pickle_cache.get(pickled) if pickle_cache is not None else None
     if known is None:
-        reader = PickleReader(WorkBudget.for_bytes(len(pickled)))
-        loaded = reader.load(pickled)
-        known = (*loaded, reader.report())
+        known = _state_dict_pattern(pickled)
+        if known is None:
+            reader = PickleReader(WorkBudget.for_bytes(len(pickled)))
+            loaded = reader.load(pickled)
+            known = (*loaded, reader.report())
         if pickle_cache is not None and len(pickled) <= MAX_CACHED_PICKLE:
             pickle_cache[pickled] = known
     obj, storages, report = known
@@ -370,6 +374,21 @@ def _validated(
 
     metadata = _ckptscope_metadata(archive, entries.get(prefix + "ckptscope.json"))
     return TorchArchive(obj, locate, metadata, report)
+
+
+def _state_dict_pattern(pickled: bytes) -> tuple[Any, dict[str, PickledStorage], dict[str, Any]] | None:
+    """``data.pkl`` read by the state-dict fast path (``torch_save_pattern``), with the report the
+    general path would give; None when the pickle is not that pattern."""
+    fast = read_state_dict_pickle(pickled)
+    if fast is None:
+        return None
+    obj, storages, counts = fast
+    census = Census()
+    census.counts.update(counts)
+    roles = Roles()
+    for key in counts:  # as the interpreter uses them: OrderedDict() calls, the rest for tensors
+        roles.used(key, "data" if key == ("collections", "OrderedDict") else "tensor")
+    return obj, storages, build_report(census, roles, role_of)
 
 
 def read_torch_zip(path: str | Path) -> Checkpoint:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -130,6 +130,7 @@ def _trunc_moments(c: float) -> tuple[float, float]:
 
 
 _TRUNC2_STD, _TRUNC2_KURT = _trunc_moments(2.0)
+_KURTOSIS = {"normal": 3.0, "uniform": 1.8, "trunc": _TRUNC2_KURT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,22 +142,22 @@ class _Law:
     family: Literal["normal", "uniform", "trunc"]
     scale: float
     shown: float | None = None  # the std (normal, trunc) or bound (uniform) the label gives
+    std: float = field(init=False)  # of the law; it and the kurtosis are read for every check
+    kurtosis: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.family == "uniform":
+            std = self.scale / math.sqrt(3.0)
+        else:
+            std = self.scale * (_TRUNC2_STD if self.family == "trunc" else 1.0)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "kurtosis", _KURTOSIS[self.family])
 
     @property
     def label(self) -> str:  # formatted only for the law that is reported
         if self.shown is None:
             return self.what
         return f"{self.what}, {'bound' if self.family == 'uniform' else 'std'} {_g(self.shown)}"
-
-    @property
-    def std(self) -> float:
-        if self.family == "uniform":
-            return self.scale / math.sqrt(3.0)
-        return self.scale * (_TRUNC2_STD if self.family == "trunc" else 1.0)
-
-    @property
-    def kurtosis(self) -> float:
-        return {"normal": 3.0, "uniform": 1.8, "trunc": _TRUNC2_KURT}[self.family]
 
     def cdf(self, x: float) -> float:
         if self.family == "uniform":
@@ -216,9 +217,10 @@ def _check_std(o: _Observed, law: _Law) -> float:
     return min(Z_CAP, max(0.0, rel_dev - slack) / se)
 
 
-def _score(o: _Observed, law: _Law, bound: float) -> float:
-    """The largest z of ``o`` against ``law`` (stops early once above ``bound``)."""
-    worst = _check_std(o, law)
+def _score(o: _Observed, law: _Law, bound: float, std_z: float | None = None) -> float:
+    """The largest z of ``o`` against ``law`` (stops early once above ``bound``); ``std_z``: the
+    standard deviation's z (``_check_std``) where already computed. Never below ``std_z``."""
+    worst = _check_std(o, law) if std_z is None else std_z
     if worst >= bound:
         return worst
     allowed = o.row + 2
@@ -430,9 +432,11 @@ def init_verdict(
     )
     best: tuple[float, str] = (math.inf, "")
     laws = _candidates(name, shape, observed, module_type)
-    laws.sort(key=lambda law: _check_std(observed, law))
-    for law in laws:  # closest standard deviation first: the first that fits is the match
-        score = _score(observed, law, best[0])
+    ranked = sorted(((_check_std(observed, law), law) for law in laws), key=lambda pair: pair[0])
+    for std_z, law in ranked:  # closest standard deviation first: the first that fits is the match
+        if std_z >= best[0]:  # a score is never below its std's z: no law from here on can do better
+            break
+        score = _score(observed, law, best[0], std_z)
         if score < best[0]:
             best = (score, law.label)
         if best[0] <= INIT_SCORE:

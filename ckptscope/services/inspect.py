@@ -6,13 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptscope.formats import Checkpoint, TensorInfo
-from ckptscope.formats.model import contiguous_stride, module_types_under
-from ckptscope.insights.findings import Thresholds
+from ckptscope.formats.model import Checkpoint, TensorInfo, contiguous_stride, module_types_under
+from ckptscope.stats import TensorStats, TreeNode, build_tree
 
 if TYPE_CHECKING:
+    from ckptscope.insights.findings import Thresholds
     from ckptscope.stats.spool import RangeReader
-from ckptscope.stats import TensorStats, TreeNode, build_tree
 
 from .insights import Insights, analyse
 

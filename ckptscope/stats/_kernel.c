@@ -185,12 +185,33 @@ static inline uint64_t key_f64(double v) {
 #define NEXT16_float(k) ((uint16_t)((k) & 0xFFFFu))
 #define NEXT16_double(k) ((uint16_t)(((k) >> 32) & 0xFFFFu))
 
-/* One build runs everywhere; on x86-64 the loops also get an AVX2 clone, picked at load time. */
+/* One build runs everywhere; on x86-64 the loops also get an AVX2 clone, picked at load time, and
+ * the float32 and bfloat16 loops an AVX-512 one (x86-64-v4: measured faster for them, slower for
+ * int8's, bench/kernel_passes.py). setup.py compiles with -ffp-contract=off, so no clone contracts
+ * a multiply and an add into an FMA: every clone rounds the same sums the same way. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FAST __attribute__((target_clones("avx2", "default")))
+#define FAST512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define FAST
+#define FAST512
 #endif
+/* The clones each dtype's loops get. */
+#define ATTR_f32 FAST512
+#define ATTR_bf16 FAST512
+#define ATTR_f64 FAST
+#define ATTR_f16 FAST
+#define ATTR_e4m3 FAST
+#define ATTR_e5m2 FAST
+#define ATTR_i8 FAST
+#define ATTR_u8 FAST
+#define ATTR_i16 FAST
+#define ATTR_u16 FAST
+#define ATTR_i32 FAST
+#define ATTR_u32 FAST
+#define ATTR_i64 FAST
+#define ATTR_u64 FAST
+#define ATTR_b8 FAST
 
 /* The LANES partial sums added up in one fixed order (pairwise). */
 static inline double lanes_total(const double *s) {
@@ -216,7 +237,7 @@ static inline double lanes_total(const double *s) {
             memcpy(out + (size_t)i * sizeof v, &v, sizeof v);                                   \
         }                                                                                       \
     }
-#define DEFINE_CONVERT(TAG, S, T, CODE, NAME) DEFINE_CONVERT_WITH(TAG, T, FAST, 0)
+#define DEFINE_CONVERT(TAG, S, T, CODE, NAME) DEFINE_CONVERT_WITH(TAG, T, ATTR_##TAG, 0)
 FOR_EACH_DTYPE(DEFINE_CONVERT)
 
 /* ---- pass 1 ------------------------------------------------------------------------------- */
@@ -311,7 +332,7 @@ typedef struct {
 #define DEFINE_PASS1_WITH(TAG, S, T, ATTR, PRE)                                                 \
     DEFINE_PASS1_VARIANT(pass1_##TAG, TAG, S, T, 1, ATTR, PRE)                                  \
     DEFINE_PASS1_VARIANT(pass1_nokeys_##TAG, TAG, S, T, 0, ATTR, PRE)
-#define DEFINE_PASS1(TAG, S, T, CODE, NAME) DEFINE_PASS1_WITH(TAG, S, T, FAST, 0)
+#define DEFINE_PASS1(TAG, S, T, CODE, NAME) DEFINE_PASS1_WITH(TAG, S, T, ATTR_##TAG, 0)
 FOR_EACH_DTYPE(DEFINE_PASS1)
 
 /* ---- pass 2 ------------------------------------------------------------------------------- */
@@ -373,7 +394,7 @@ typedef struct {
 /* The wanted-bin test of float32 and bfloat16 values with AVX2, sixteen values at a time: their
  * keys' top 16 bits in 16-bit lanes (for bfloat16 the stored bits with the sign folded), compared
  * with each wanted bin, the matches' positions taken from the compare mask. Picked at run time
- * (the CPU is asked once); elsewhere, and for the other dtypes, the portable loop runs. */
+ * (the CPU is asked once, at import); elsewhere, and for the other dtypes, the portable loop runs. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 static int cpu_has_avx2 = -1;
@@ -397,7 +418,49 @@ __attribute__((target("avx2"))) static inline __m256i top16x16_bf16(const unsign
     return _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi16(u, 15), _mm256_set1_epi16((short)0x8000)));
 }
 
-#define DEFINE_WANTED_AVX2(TAG, SIZE)                                                          \
+/* The same with AVX-512BW where the CPU has it, 32 values at a time, the compares into mask
+ * registers (the tail of a block through the AVX2 test). */
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+AVX512 static inline __m512i top16x32_f32(const unsigned char *p) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512i a = _mm512_loadu_si512((const void *)p);
+    __m512i c = _mm512_loadu_si512((const void *)(p + 16 * sizeof(float)));
+    a = _mm512_srli_epi32(_mm512_xor_si512(a, _mm512_or_si512(_mm512_srai_epi32(a, 31), sign)), 16);
+    c = _mm512_srli_epi32(_mm512_xor_si512(c, _mm512_or_si512(_mm512_srai_epi32(c, 31), sign)), 16);
+    /* each 32-bit lane holds 16 bits: truncating to 16-bit lanes keeps them, in order */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)), _mm512_cvtepi32_epi16(c), 1);
+}
+AVX512 static inline __m512i top16x32_bf16(const unsigned char *p) {
+    __m512i u = _mm512_loadu_si512((const void *)p);
+    return _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi16(u, 15), _mm512_set1_epi16((short)0x8000)));
+}
+static int cpu_has_avx512bw = -1;
+
+#define DEFINE_WANTED_AVX512(TAG, SIZE)                                                        \
+    AVX512 static Py_ssize_t wanted_##TAG##_avx512(const unsigned char *b, Py_ssize_t m, const uint16_t *bins, \
+                                                   int nbins, uint16_t *where) {               \
+        __m512i want[MAX_WANTED_BINS];                                                         \
+        for (int t = 0; t < nbins; t++) want[t] = _mm512_set1_epi16((short)bins[t]);           \
+        Py_ssize_t found = 0, j = 0;                                                           \
+        for (; j + 32 <= m; j += 32) {                                                         \
+            __m512i k = top16x32_##TAG(b + (size_t)j * (SIZE));                                \
+            __mmask32 mask = _mm512_cmpeq_epi16_mask(k, want[0]);                              \
+            for (int t = 1; t < nbins; t++) mask |= _mm512_cmpeq_epi16_mask(k, want[t]);       \
+            uint32_t bits = (uint32_t)mask;                                                    \
+            while (bits) {                                                                     \
+                where[found++] = (uint16_t)(j + __builtin_ctz(bits));                          \
+                bits &= bits - 1;                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        if (j < m) { /* the tail, through the AVX2 test */                                    \
+            Py_ssize_t head = found;                                                           \
+            found += wanted_##TAG##_avx2(b + (size_t)j * (SIZE), m - j, bins, nbins, where + found); \
+            for (Py_ssize_t i = head; i < found; i++) where[i] = (uint16_t)(where[i] + j);     \
+        }                                                                                      \
+        return found;                                                                          \
+    }
+
+#define DEFINE_WANTED_AVX2_TEST(TAG, SIZE)                                                     \
     /* Writes the positions (in [0, m)) of the values whose key bin is wanted; returns how many. */ \
     __attribute__((target("avx2"))) static Py_ssize_t wanted_##TAG##_avx2(                     \
         const unsigned char *b, Py_ssize_t m, const uint16_t *bins, int nbins, uint16_t *where) { \
@@ -425,21 +488,27 @@ __attribute__((target("avx2"))) static inline __m256i top16x16_bf16(const unsign
             }                                                                                  \
         }                                                                                      \
         return found;                                                                          \
-    }                                                                                          \
-    /* The block's wanted values through the AVX2 test; 0 (nothing done) where the CPU lacks it. */ \
+    }
+#define DEFINE_FAST_HITS(TAG, SIZE)                                                            \
+    /* The block's wanted values through the AVX-512 or AVX2 test; 0 (nothing done) where the \
+     * CPU has neither. */                                                                     \
     static int fast_hits_##TAG(const unsigned char *b, Py_ssize_t m, wanted_bins *w) {         \
-        if (cpu_has_avx2 < 0) cpu_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;          \
-        if (!cpu_has_avx2) return 0;                                                           \
+        if (cpu_has_avx2 <= 0) return 0; /* (both flags are set at import: pick_loops) */    \
         uint16_t where[BLOCK];                                                                 \
-        Py_ssize_t found = wanted_##TAG##_avx2(b, m, w->bins, w->nbins, where);                \
+        Py_ssize_t found = cpu_has_avx512bw ? wanted_##TAG##_avx512(b, m, w->bins, w->nbins, where) \
+                                            : wanted_##TAG##_avx2(b, m, w->bins, w->nbins, where); \
         for (Py_ssize_t i = 0; i < found; i++) {                                               \
             float v = ld_##TAG(b, where[i]);                                                   \
             WANT_ONE(float, v, key_f32(v));                                                    \
         }                                                                                      \
         return 1;                                                                              \
     }
-DEFINE_WANTED_AVX2(f32, sizeof(float))
-DEFINE_WANTED_AVX2(bf16, sizeof(uint16_t))
+#define DEFINE_WANTED(TAG, SIZE)                                                               \
+    DEFINE_WANTED_AVX2_TEST(TAG, SIZE)                                                         \
+    DEFINE_WANTED_AVX512(TAG, SIZE)                                                            \
+    DEFINE_FAST_HITS(TAG, SIZE)
+DEFINE_WANTED(f32, sizeof(float))
+DEFINE_WANTED(bf16, sizeof(uint16_t))
 #define FAST_HITS_f32(b, m, w) fast_hits_f32((b), (m), (w))
 #define FAST_HITS_bf16(b, m, w) fast_hits_bf16((b), (m), (w))
 #else
@@ -568,7 +637,7 @@ DEFINE_WANTED_AVX2(bf16, sizeof(uint16_t))
         *shift_out = lanes_total(s);                                                             \
         *css_out = lanes_total(c);                                                               \
     }
-#define DEFINE_PASS2(TAG, S, T, CODE, NAME) DEFINE_PASS2_WITH(TAG, S, T, FAST, 0)
+#define DEFINE_PASS2(TAG, S, T, CODE, NAME) DEFINE_PASS2_WITH(TAG, S, T, ATTR_##TAG, 0)
 FOR_EACH_DTYPE(DEFINE_PASS2)
 
 /* float16 with F16C (vcvtph2ps, eight values per instruction) beside AVX2, picked at import where
@@ -610,6 +679,8 @@ static pass2_fn PASS2S[DTYPE_COUNT] = {FOR_EACH_DTYPE(PASS2_ROW)};
 static void pick_loops(void) {
 #ifdef HAVE_F16C_PATH
     __builtin_cpu_init();
+    cpu_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    cpu_has_avx512bw = cpu_has_avx2 && __builtin_cpu_supports("avx512bw") ? 1 : 0;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
         CONVERTS[2] = convert_f16c;
         PASS1S[2] = pass1_f16c;

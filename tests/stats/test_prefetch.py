@@ -32,6 +32,9 @@ class Advice:
             real(fd, offset, length, advice)
 
         monkeypatch.setattr(prefetch.os, "posix_fadvise", record)
+        # the files these tests write are in the page cache, which the prefetcher would skip
+        # (tested on its own below): here every range counts as not cached
+        monkeypatch.setattr(prefetch, "cached", lambda fd, offset, length: False)
 
     def issued(self) -> int:
         with self.lock:
@@ -93,3 +96,43 @@ def test_stats_read_ahead_of_the_workers_and_give_the_same_results(tmp_path, mon
     assert advice.issued() == sum(t.nbytes for t in tensors)
     monkeypatch.setattr(prefetch.Prefetcher, "__enter__", lambda self: self)
     assert compute_stats(tensors) == with_prefetch
+
+
+_FADVISE = os.posix_fadvise if hasattr(os, "posix_fadvise") else None  # before any test patches it
+
+
+def _evict(path) -> bool:
+    """Drops the file's pages from the page cache; False where this filesystem keeps them (tmpfs)."""
+    assert _FADVISE is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return not prefetch.cached(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv(RWF_NOWAIT) here")
+def test_a_range_in_the_page_cache_is_not_asked_for_again(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, 4 << 20)  # every page read: resident
+        assert prefetch.cached(fd, 0, 4 << 20)
+        assert not prefetch.cached(fd, 0, 8 << 20)  # its last page lies past the end of the file
+    finally:
+        os.close(fd)
+    calls: list[int] = []
+    monkeypatch.setattr(prefetch.os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(offset))
+    items = [[(str(path), i << 20, 1 << 20)] for i in range(4)]
+    with Prefetcher(items) as ahead:
+        for i in range(4):
+            ahead.started(i)
+    assert calls == []  # warm: no advice
+    if not _evict(path):
+        pytest.skip("this filesystem keeps the pages in memory (tmpfs): nothing to read ahead")
+    with Prefetcher(items[-1:]) as ahead:  # one step, evicted: asked for (a later step could be
+        ahead.started(0)  # resident by then, read ahead by the kernel after the first)
+    assert calls == [3 << 20]

@@ -52,6 +52,14 @@ document.addEventListener("htmx:configRequest", function (event) {
     var row = li.querySelector(":scope > .leaf-row");
     return row ? row.querySelector("a.leaf") : null;
   }
+  // A tensor link's click through htmx (the detail swapped in, the page kept): a link in rows htmx
+  // has just swapped in gets its hx- handlers when the swap settles, and a click before that (Enter
+  // right after a module opens) would load the whole page instead; processing it first is harmless
+  // for a link htmx already knows.
+  function follow(link) {
+    if (window.htmx) window.htmx.process(link);
+    link.click();
+  }
   function keyOf(li) {
     if (!li) return null;
     return li.hasAttribute("data-path") ? "m:" + li.getAttribute("data-path") : "t:" + li.getAttribute("data-tensor");
@@ -88,7 +96,7 @@ document.addEventListener("htmx:configRequest", function (event) {
       }
     } else if ((key === "Enter" || key === " ") && event.target === li) {
       var link = leafLink(li);
-      if (link) link.click();
+      if (link) follow(link);
       else if (details) details.open = !details.open;
     } else {
       return;
@@ -131,7 +139,7 @@ document.addEventListener("htmx:configRequest", function (event) {
     if (!tr || event.target.closest("a, button, input, select, label")) return;
     if (window.getSelection && String(window.getSelection()) !== "") return;
     var link = tr.querySelector("a.tname");
-    if (link) link.click();
+    if (link) follow(link);
   });
 
   // Esc closes the detail (a drawer below 1880 px)

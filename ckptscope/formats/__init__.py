@@ -10,7 +10,7 @@ read_gguf``), imported on first use.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,15 +65,17 @@ _LAZY = {
     "read_torch_legacy": "torch_legacy",
     "read_torch_zip": "torch_zip",
 }
+# the reader of one file of each sniffed kind (its module: _LAZY)
+_SINGLE_READERS = {
+    "safetensors": "read_safetensors",
+    "zip": "read_torch_zip",
+    "pickle": "read_torch_legacy",
+    "gguf": "read_gguf",
+}
 # the reader modules a file of each sniffed kind is read with (a pickle may be a DCP .metadata);
 # a directory, an uploaded folder or a sharded index may hold files of any kind: all of them
-_KIND_READERS: dict[str, tuple[str, ...]] = {
-    "safetensors": ("safetensors_format",),
-    "zip": ("torch_zip",),
-    "pickle": ("torch_legacy", "dcp"),
-    "gguf": ("gguf_format",),
-}
-_ALL_READERS = ("dcp", "folder", "gguf_format", "safetensors_format", "sharded", "torch_legacy", "torch_zip")
+_KIND_READERS = {kind: (_LAZY[name], *(("dcp",) if kind == "pickle" else ())) for kind, name in _SINGLE_READERS.items()}
+_ALL_READERS = tuple(sorted(set(_LAZY.values())))
 
 
 def __getattr__(name: str) -> Any:
@@ -119,22 +121,10 @@ _REFUSALS = {
 
 def _open_single(path: Path) -> Checkpoint:
     kind = sniff(path)
-    if kind == "safetensors":
-        from .safetensors_format import read_safetensors
-
-        return read_safetensors(path)
-    if kind == "zip":
-        from .torch_zip import read_torch_zip
-
-        return read_torch_zip(path)
-    if kind == "pickle":
-        from .torch_legacy import read_torch_legacy
-
-        return read_torch_legacy(path)
-    if kind == "gguf":
-        from .gguf_format import read_gguf
-
-        return read_gguf(path)
+    reader = _SINGLE_READERS.get(kind)
+    if reader is not None:
+        read: Callable[[Path], Checkpoint] = __getattr__(reader)
+        return read(path)
     if kind == "json":
         raise CheckpointError("not_checkpoint", "a sharded index cannot be a shard of another index")
     code, message = _REFUSALS[kind]

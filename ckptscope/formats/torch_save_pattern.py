@@ -119,7 +119,7 @@ class _Decline(Exception):
 
 def _int(op: bytes) -> int:
     """A BININT1/BININT2/BININT the pattern matched; a negative one declines."""
-    if op[0] == 0x4B:
+    if op[0] == _BININT1:
         return op[1]
     value = int.from_bytes(op[1:], "little", signed=op[0] == 0x4A)
     if value < 0:
@@ -224,6 +224,16 @@ class _Reader:
             raise _Decline
         return got
 
+    def storage(self, key: str, dtype: str, location: str, numel: int) -> PickledStorage:
+        """The storage named ``key``, recorded on its first declaration; declared again with
+        another size or dtype, it declines (the general path refuses it, in its words)."""
+        storage = self.storages.get(key)
+        if storage is None:
+            storage = self.storages[key] = PickledStorage(key, dtype, location, numel)
+        elif storage.numel != numel or storage.dtype != dtype:
+            raise _Decline
+        return storage
+
     def tuple_of(self, body: bytes | None, put: bytes | None) -> tuple[int, ...]:
         known = self.tuples.get(body)
         if known is None:
@@ -289,12 +299,7 @@ class _Reader:
         storage_type = ref.storage
         assert storage_type is not None and storage_type.dtype is not None
         dtype = storage_type.dtype
-        numel = _int(numel_op)
-        storage = self.storages.get(storage_key)
-        if storage is None:
-            storage = self.storages[storage_key] = PickledStorage(storage_key, dtype, location, numel)
-        elif storage.numel != numel or storage.dtype != dtype:
-            raise _Decline  # the general path refuses it, in its words
+        storage = self.storage(storage_key, dtype, location, _int(numel_op))
         puts.append(pid_put)
         offset = _int(offset_op)
         shape_t = self.tuple_of(shape, shape_put)
@@ -320,8 +325,6 @@ class _Reader:
         assert run is not None
         data = self.data
         gets = self.gets
-        storages = self.storages
-        tuples = self.tuples
         extend = self.puts.extend
         append = stack.append
         ref = self.run_ref
@@ -350,23 +353,12 @@ class _Reader:
                 storage_key = gets.get(skey_get)
                 if type(storage_key) is not str:
                     raise _Decline
-            numel = numel_op[1] if numel_op[0] == 0x4B else _int(numel_op)
-            storage = storages.get(storage_key)
-            if storage is None:
-                storage = storages[storage_key] = PickledStorage(storage_key, dtype, location, numel)
-            elif storage.numel != numel or storage.dtype != dtype:
-                raise _Decline
-            shape_t = tuples.get(shape)
-            if shape_t is None:
-                shape_t = tuples[shape] = _ints(shape)
-            stride_t = tuples.get(stride)
-            if stride_t is None:
-                stride_t = tuples[stride] = _ints(stride)
+            storage = self.storage(storage_key, dtype, location, _int(numel_op))
+            shape_t = self.tuple_of(shape, None)  # (the puts are recorded below, in their order)
+            stride_t = self.tuple_of(stride, None)
             if len(shape_t) != len(stride_t):
                 raise _Decline
-            tensor = PickledTensor(
-                storage, dtype, offset_op[1] if offset_op[0] == 0x4B else _int(offset_op), shape_t, stride_t
-            )
+            tensor = PickledTensor(storage, dtype, _int(offset_op), shape_t, stride_t)
             extend(filter(None, (key_put, skey_put, pid_put, shape_put, stride_put, hooks_put, args_put, tensor_put)))
             gets[key_put] = name
             if skey_put is not None:

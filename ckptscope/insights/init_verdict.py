@@ -217,10 +217,10 @@ def _check_std(o: _Observed, law: _Law) -> float:
     return min(Z_CAP, max(0.0, rel_dev - slack) / se)
 
 
-def _score(o: _Observed, law: _Law, bound: float, std_z: float | None = None) -> float:
+def _score(o: _Observed, law: _Law, bound: float, std_z: float) -> float:
     """The largest z of ``o`` against ``law`` (stops early once above ``bound``); ``std_z``: the
-    standard deviation's z (``_check_std``) where already computed. Never below ``std_z``."""
-    worst = _check_std(o, law) if std_z is None else std_z
+    standard deviation's z (``_check_std``), which it is never below."""
+    worst = std_z
     if worst >= bound:
         return worst
     allowed = o.row + 2

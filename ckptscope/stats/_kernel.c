@@ -397,7 +397,7 @@ typedef struct {
  * (the CPU is asked once, at import); elsewhere, and for the other dtypes, the portable loop runs. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-static int cpu_has_avx2 = -1;
+static int cpu_has_avx2 = 0; /* both flags: set at import (pick_loops) */
 
 __attribute__((target("avx2"))) static inline __m256i top16_f32x8(const unsigned char *p) {
     __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)p);
@@ -434,7 +434,7 @@ AVX512 static inline __m512i top16x32_bf16(const unsigned char *p) {
     __m512i u = _mm512_loadu_si512((const void *)p);
     return _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi16(u, 15), _mm512_set1_epi16((short)0x8000)));
 }
-static int cpu_has_avx512bw = -1;
+static int cpu_has_avx512bw = 0;
 
 #define DEFINE_WANTED_AVX512(TAG, SIZE)                                                        \
     AVX512 static Py_ssize_t wanted_##TAG##_avx512(const unsigned char *b, Py_ssize_t m, const uint16_t *bins, \
@@ -493,7 +493,7 @@ static int cpu_has_avx512bw = -1;
     /* The block's wanted values through the AVX-512 or AVX2 test; 0 (nothing done) where the \
      * CPU has neither. */                                                                     \
     static int fast_hits_##TAG(const unsigned char *b, Py_ssize_t m, wanted_bins *w) {         \
-        if (cpu_has_avx2 <= 0) return 0; /* (both flags are set at import: pick_loops) */    \
+        if (!cpu_has_avx2) return 0;                                                           \
         uint16_t where[BLOCK];                                                                 \
         Py_ssize_t found = cpu_has_avx512bw ? wanted_##TAG##_avx512(b, m, w->bins, w->nbins, where) \
                                             : wanted_##TAG##_avx2(b, m, w->bins, w->nbins, where); \
@@ -681,7 +681,7 @@ static void pick_loops(void) {
     __builtin_cpu_init();
     cpu_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
     cpu_has_avx512bw = cpu_has_avx2 && __builtin_cpu_supports("avx512bw") ? 1 : 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    if (cpu_has_avx2 && __builtin_cpu_supports("f16c")) {
         CONVERTS[2] = convert_f16c;
         PASS1S[2] = pass1_f16c;
         PASS1S_NOKEYS[2] = pass1_nokeys_f16c;

@@ -13,6 +13,7 @@ thread itself (the workers map them separately).
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,7 @@ AHEAD_BYTES = 256 << 20
 STEP_BYTES = 16 << 20  # a range is asked for in steps of this, so the throttle bites inside big tensors
 
 Range = tuple[str, int, int]  # (path, offset, length)
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
 
 
 def cached(fd: int, offset: int, length: int) -> bool:

@@ -16,7 +16,9 @@ whole-file figures. The cases:
 - ``pass1``: sum, min, max, non-zeros and the 16-bit key bins; ``pass1_nokeys``: the same with an
   empty key buffer (the moments only);
 - ``pass2``: centred sums and the 64-bin histogram; ``pass2_wanted``: with the wanted-bin test and
-  the copy of the hits, as the percentiles run it (the nine percentiles' bins);
+  the copy of the hits, as the percentiles run it (the nine percentiles' bins); ``pass2_seeded``
+  (bfloat16): the histogram already filled from pass 1's key bins, as the engine runs tensors of
+  at least ``SEEDED_MIN`` bfloat16 or float8 values with the full statistics;
 - ``baseline_pass1`` / ``baseline_pass2``: the baseline's float32 passes (no keys, no percentiles).
 
 The target (issue 18): bfloat16 and float16 at >= 0.9x float32's element rate for pass 1 + pass 2.
@@ -49,6 +51,7 @@ N = 1 << 20
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 TARGET = 0.9  # bfloat16/float16 element rate over float32's, pass 1 + pass 2
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+SEEDABLE = ("bfloat16",)  # of DTYPES, those whose values are their key bins' (hist_of_keys)
 
 
 def load(path: str) -> ModuleType:
@@ -129,6 +132,10 @@ def calls(ours: ModuleType, baseline: ModuleType | None) -> dict[str, Callable[[
         found[f"{name}.pass2_wanted"] = lambda d=data, c=code, lo=lo, s=scale, lut=lut, out=out: ours.pass2(
             d, N, c, False, 0.0, lo, s, hist, lut, out, 0, bytearray()
         )
+        if name in SEEDABLE and hasattr(ours, "hist_of_keys"):  # the histogram from pass 1's key bins
+            found[f"{name}.pass2_seeded"] = lambda d=data, c=code, lo=lo, s=scale: ours.pass2(
+                d, N, c, False, 0.0, lo, s, hist, *nothing, True
+            )
     if baseline is not None:
         x, wide = chunks["float32"]
         lo, scale = float(wide.min()), 64 / float(wide.max() - wide.min())
@@ -207,8 +214,9 @@ def report(r: dict) -> str:
         ("2: centred sums, 64-bin histogram", "pass2"),
         ("2 with the percentiles' wanted-bin test and copies", "pass2_wanted"),
     ]
+    rows.append(("2 seeded: the histogram from pass 1's key bins (bfloat16, float8), sums only", "pass2_seeded"))
     for label, case in rows:
-        cells = [f"{ns[f'{d}.{case}']:.2f} ns" for d in DTYPES]
+        cells = [f"{ns[f'{d}.{case}']:.2f} ns" if f"{d}.{case}" in ns else "n/a" for d in DTYPES]
         if base:
             cells.append(f"{ns[f'baseline.{case}']:.2f} ns" if f"baseline.{case}" in ns else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

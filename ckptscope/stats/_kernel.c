@@ -1,8 +1,9 @@
 /* The stats engine's two fused passes over one contiguous chunk of values of any stored dtype.
  *
  * pass1(values, count, dtype, keys) -> (finite, sum, lo, hi, nonzero, nan, inf)
- * pass2(values, count, dtype, dirty, mean, lo, scale, hist, lut, out, collected, sub)
+ * pass2(values, count, dtype, dirty, mean, lo, scale, hist, lut, out, collected, sub[, seeded])
  *     -> (shift, css, collected)
+ * hist_of_keys(keys, dtype, lo, scale, hist) -> None
  * convert(values, count, dtype, out) -> None
  *
  * `dtype` is a code of DTYPES (float32 = 0 and float64 = 1, so a bool "is double" still works).
@@ -34,7 +35,9 @@
  * rare, so the fast loop does not look for them: a non-finite sum says one is there, and only then
  * a checking loop runs. pass2 reads each value once more for the centred sums (float64: exact
  * two-pass variance around the provisional mean) and the 64-bin histogram, whose bin ids are
- * computed in vectorised blocks and counted into four interleaved sub-histograms. The sums are
+ * computed in vectorised blocks and counted into four interleaved sub-histograms; for bfloat16 and
+ * float8, whose values are their key bins' own, hist_of_keys fills the histogram from pass 1's
+ * key bins instead and a seeded pass 2 only sums (and gathers). The sums are
  * kept in LANES fixed partial sums (value i in lane i % LANES, added up in a fixed order at the
  * end), so a result does not depend on the vector width the compiler picked for a dtype or a CPU:
  * a bfloat16 chunk sums exactly as its float32 conversion does. All three release the GIL, so the
@@ -213,6 +216,26 @@ static inline uint64_t key_f64(double v) {
 #define ATTR_u64 FAST
 #define ATTR_b8 FAST
 
+/* The blocks of a pass read their values in one sweep, then work on them (the key bins, the
+ * histogram) without reading more, so the hardware prefetcher, which also stops at each 4 KiB
+ * page, loses the stream at every block: a value not in the cache then costs about twice what
+ * it costs from the cache. So each block first asks for the cache lines of the block
+ * PREFETCH_BLOCKS ahead (a prefetch never faults; those past the end are not asked for). */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2
+#endif
+#if PREFETCH_BLOCKS <= 0 /* (none: for measuring without) */
+#define PREFETCH_AHEAD(x, start, n, S) ((void)0)
+#else
+#define PREFETCH_AHEAD(x, start, n, S)                                                          \
+    do {                                                                                        \
+        Py_ssize_t ahead_ = (start) + PREFETCH_BLOCKS * BLOCK;                                  \
+        Py_ssize_t stop_ = ahead_ + BLOCK < (n) ? ahead_ + BLOCK : (n);                         \
+        for (size_t at_ = (size_t)ahead_ * sizeof(S); ahead_ < stop_ && at_ < (size_t)stop_ * sizeof(S); at_ += 64) \
+            __builtin_prefetch((x) + at_, 0, 3);                                                \
+    } while (0)
+#endif
+
 /* The LANES partial sums added up in one fixed order (pairwise). */
 static inline double lanes_total(const double *s) {
     double t[LANES];
@@ -263,6 +286,7 @@ typedef struct {
         for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                 \
             Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;                               \
             const unsigned char *b = x + (size_t)start * sizeof(S);                             \
+            PREFETCH_AHEAD(x, start, n, S);                                                     \
             Py_ssize_t j = 0;                                                                   \
             for (; j + LANES <= m; j += LANES) {                                                \
                 T t[LANES];                                                                     \
@@ -551,8 +575,11 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
         }                                                                                      \
     } while (0)
 
-#define DEFINE_PASS2_WITH(TAG, S, T, ATTR, PRE)                                                  \
-    ATTR static void pass2_##TAG(const unsigned char *x, Py_ssize_t n, int dirty, double mean, double lo, \
+/* SEEDED is a constant 0 or 1. 1: the histogram is already there (hist_of_keys counted pass 1's
+ * key bins into it), so this pass has none of the histogram's work; only for the dtypes whose
+ * values are their key bins' values (keys_are_values), which kernel_pass2 checks. */
+#define DEFINE_PASS2_VARIANT(NAME, TAG, S, T, SEEDED, ATTR, PRE)                                 \
+    ATTR static void NAME(const unsigned char *x, Py_ssize_t n, int dirty, double mean, double lo, \
                                  double scale, int64_t *hist, double *shift_out, double *css_out, \
                                  wanted_bins *w) {                                               \
         int64_t sub[4][BINS] = {{0}};                                                            \
@@ -569,6 +596,7 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
             for (Py_ssize_t start = 0; start < n; start += BLOCK) {                              \
                 Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;                            \
                 const unsigned char *b = x + (size_t)start * sizeof(S);                          \
+                PREFETCH_AHEAD(x, start, n, S);                                                  \
                 Py_ssize_t j = 0;                                                                \
                 for (; j + LANES <= m; j += LANES) {                                             \
                     T t[LANES];                                                                  \
@@ -579,7 +607,7 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
                         double d = (double)v - mean;                                             \
                         s[l] += d;                                                               \
                         c[l] += d * d;                                                           \
-                        idx[j + l] = FAST_BIN_##T(v);                                            \
+                        if (!SEEDED) idx[j + l] = FAST_BIN_##T(v);                               \
                     }                                                                            \
                 }                                                                                \
                 for (int l = 0; j + l < m; l++) {                                                \
@@ -587,15 +615,15 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
                     double d = (double)v - mean;                                                 \
                     s[l] += d;                                                                   \
                     c[l] += d * d;                                                               \
-                    idx[j + l] = FAST_BIN_##T(v);                                                \
+                    if (!SEEDED) idx[j + l] = FAST_BIN_##T(v);                                   \
                 }                                                                                \
-                for (j = 0; j + 4 <= m; j += 4) {                                                \
+                for (j = 0; !SEEDED && j + 4 <= m; j += 4) {                                     \
                     sub[0][idx[j]]++;                                                            \
                     sub[1][idx[j + 1]]++;                                                        \
                     sub[2][idx[j + 2]]++;                                                        \
                     sub[3][idx[j + 3]]++;                                                        \
                 }                                                                                \
-                for (; j < m; j++) sub[0][idx[j]]++;                                             \
+                for (; !SEEDED && j < m; j++) sub[0][idx[j]]++;                                  \
                 if (w->lut == NULL) continue;                                                    \
                 /* which values lie in a wanted bin: a vectorised compare per wanted bin (few, and \
                  * most blocks hold none), then only the hits are looked at */                    \
@@ -629,7 +657,7 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
                 double d = v - mean;                                                             \
                 s[0] += d;                                                                       \
                 c[0] += d * d;                                                                   \
-                sub[0][bin_of(v, lo, scale)]++;                                                  \
+                if (!SEEDED) sub[0][bin_of(v, lo, scale)]++;                                     \
                 if (w->lut != NULL) WANT_ONE(T, tv, KEY_##T(tv));                                \
             }                                                                                    \
         }                                                                                        \
@@ -637,6 +665,9 @@ DEFINE_WANTED(bf16, sizeof(uint16_t))
         *shift_out = lanes_total(s);                                                             \
         *css_out = lanes_total(c);                                                               \
     }
+#define DEFINE_PASS2_WITH(TAG, S, T, ATTR, PRE)                                                 \
+    DEFINE_PASS2_VARIANT(pass2_##TAG, TAG, S, T, 0, ATTR, PRE)                                  \
+    DEFINE_PASS2_VARIANT(pass2_seeded_##TAG, TAG, S, T, 1, ATTR, PRE)
 #define DEFINE_PASS2(TAG, S, T, CODE, NAME) DEFINE_PASS2_WITH(TAG, S, T, ATTR_##TAG, 0)
 FOR_EACH_DTYPE(DEFINE_PASS2)
 
@@ -670,10 +701,12 @@ typedef void (*pass2_fn)(const unsigned char *, Py_ssize_t, int, double, double,
 #define PASS1_ROW(TAG, S, T, CODE, NAME) [CODE] = pass1_##TAG,
 #define PASS1_NOKEYS_ROW(TAG, S, T, CODE, NAME) [CODE] = pass1_nokeys_##TAG,
 #define PASS2_ROW(TAG, S, T, CODE, NAME) [CODE] = pass2_##TAG,
+#define PASS2_SEEDED_ROW(TAG, S, T, CODE, NAME) [CODE] = pass2_seeded_##TAG,
 static convert_fn CONVERTS[DTYPE_COUNT] = {FOR_EACH_DTYPE(CONVERT_ROW)};
 static pass1_fn PASS1S[DTYPE_COUNT] = {FOR_EACH_DTYPE(PASS1_ROW)};
 static pass1_fn PASS1S_NOKEYS[DTYPE_COUNT] = {FOR_EACH_DTYPE(PASS1_NOKEYS_ROW)};
 static pass2_fn PASS2S[DTYPE_COUNT] = {FOR_EACH_DTYPE(PASS2_ROW)};
+static pass2_fn PASS2S_SEEDED[DTYPE_COUNT] = {FOR_EACH_DTYPE(PASS2_SEEDED_ROW)};
 
 /* The float16 loops with F16C where the CPU has it (asked once, at import). */
 static void pick_loops(void) {
@@ -686,9 +719,15 @@ static void pick_loops(void) {
         PASS1S[2] = pass1_f16c;
         PASS1S_NOKEYS[2] = pass1_nokeys_f16c;
         PASS2S[2] = pass2_f16c;
+        PASS2S_SEEDED[2] = pass2_seeded_f16c;
     }
 #endif
 }
+
+/* The dtypes whose converted values have at most 7 mantissa bits (bfloat16, both float8 kinds):
+ * the top 16 bits of a value's key are the whole value, so pass 1's key bins are the values
+ * themselves, and the histogram follows from them (hist_of_keys). */
+static int keys_are_values(int dtype) { return dtype == 3 || dtype == 4 || dtype == 5; }
 
 /* A known dtype code (ValueError otherwise). */
 static int check_dtype(int dtype) {
@@ -771,12 +810,17 @@ static PyObject *kernel_pass1(PyObject *self, PyObject *args) {
 static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
     Py_buffer values, hist, lut, out, sub;
     Py_ssize_t n, collected;
-    int dtype, dirty;
+    int dtype, dirty, seeded = 0;
     double mean, lo, scale, shift, css;
-    if (!PyArg_ParseTuple(args, "y*nipdddw*y*w*nw*", &values, &n, &dtype, &dirty, &mean, &lo, &scale, &hist, &lut,
-                          &out, &collected, &sub))
+    if (!PyArg_ParseTuple(args, "y*nipdddw*y*w*nw*|p", &values, &n, &dtype, &dirty, &mean, &lo, &scale, &hist, &lut,
+                          &out, &collected, &sub, &seeded))
         return NULL;
     int ok = check_dtype(dtype);
+    if (ok && seeded && !keys_are_values(dtype)) {
+        PyErr_Format(PyExc_ValueError, "a seeded histogram needs values that are their key bins' (not %s)",
+                     DTYPES[dtype].name);
+        ok = 0;
+    }
     Py_ssize_t itemsize = ok ? DTYPES[dtype].compute_size : 1; /* of out's values */
     ok = ok && check_length(&values, n, DTYPES[dtype].itemsize, "values") && check_counts(&hist, BINS, "histogram");
     if (ok && (!(scale >= 0.0) || !isfinite(scale) || !isfinite(lo))) {
@@ -831,7 +875,7 @@ static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
         PyBuffer_Release(&sub);
         return NULL;
     }
-    pass2_fn pass2 = PASS2S[dtype];
+    pass2_fn pass2 = seeded ? PASS2S_SEEDED[dtype] : PASS2S[dtype];
     Py_BEGIN_ALLOW_THREADS
     pass2((const unsigned char *)values.buf, n, dirty, mean, lo, scale, (int64_t *)hist.buf, &shift, &css, &w);
     Py_END_ALLOW_THREADS
@@ -843,10 +887,50 @@ static PyObject *kernel_pass2(PyObject *self, PyObject *args) {
     return Py_BuildValue("ddn", shift, css, w.count);
 }
 
+/* hist_of_keys(keys, dtype, lo, scale, hist): adds pass 1's key bins of a dtype whose values are
+ * their key bins' (keys_are_values) into the 64-bin histogram, each bin's count in the bin of its
+ * value. The bins are computed in float64 (bin_of), as pass 2's checking loop and the torch
+ * engine compute them: at most 65,536 of them, so the float32 shortcut of pass 2's vector loop
+ * buys nothing here. The key bins of NaN and Inf are left out, as pass 2 leaves those values out.
+ * With it, a seeded pass 2 does no histogram work. */
+static PyObject *kernel_hist_of_keys(PyObject *self, PyObject *args) {
+    Py_buffer keys, hist;
+    int dtype;
+    double lo, scale;
+    if (!PyArg_ParseTuple(args, "y*iddw*", &keys, &dtype, &lo, &scale, &hist))
+        return NULL;
+    int ok = check_dtype(dtype) && check_counts(&keys, KEY_BINS, "keys") && check_counts(&hist, BINS, "histogram");
+    if (ok && !keys_are_values(dtype)) {
+        PyErr_Format(PyExc_ValueError, "the key bins of %s are not its values", DTYPES[dtype].name);
+        ok = 0;
+    }
+    if (ok && (!(scale >= 0.0) || !isfinite(scale) || !isfinite(lo))) {
+        PyErr_SetString(PyExc_ValueError, "bad scale or lower bound");
+        ok = 0;
+    }
+    if (ok) {
+        const int64_t *k = (const int64_t *)keys.buf;
+        int64_t *h = (int64_t *)hist.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (uint32_t key = 0; key < KEY_BINS; key++) {
+            if (!k[key]) continue;
+            uint32_t top = key & 0x8000u ? key ^ 0x8000u : ~key & 0xFFFFu; /* the value's top 16 bits */
+            float v = f32_of_bits(top << 16);
+            if (isfinite(v)) h[bin_of((double)v, lo, scale)] += k[key];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&hist);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"pass1", kernel_pass1, METH_VARARGS, "Sum, min, max, non-zero, NaN and Inf counts and key bins of a chunk."},
     {"pass2", kernel_pass2, METH_VARARGS, "Centred sums, the 64-bin histogram and the wanted key bins of a chunk."},
     {"convert", kernel_convert, METH_VARARGS, "A chunk's values converted to the compute width, into out."},
+    {"hist_of_keys", kernel_hist_of_keys, METH_VARARGS, "The histogram of pass 1's key bins (bfloat16, float8)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,6 +41,7 @@ def pass2(
     out: Buffer,
     collected: int,
     sub: Buffer,
+    seeded: bool = False,
     /,
 ) -> tuple[float, float, int]:
     """Sums of (x - mean) and (x - mean)^2 of the finite values (all values unless ``dirty``) and
@@ -57,4 +58,14 @@ def pass2(
     they do not fit (or ``collected`` was -1), and nothing is written past the end. With an empty
     ``out`` they are counted into ``sub`` (writable, aligned, exactly ``max(lut) * 65536`` int64
     counts) at ``(t - 1) * 65536 +`` the next 16 bits of their key. Any other buffer or an unknown
-    ``dtype`` raises ValueError (TypeError for a read-only or non-buffer argument)."""
+    ``dtype`` raises ValueError (TypeError for a read-only or non-buffer argument).
+
+    ``seeded``: ``hist`` already holds these values' histogram (``hist_of_keys``), so none is
+    counted; only for bfloat16 and the float8 dtypes (ValueError for any other)."""
+
+def hist_of_keys(keys: Buffer, dtype: int, lo: float, scale: float, hist: Buffer, /) -> None:
+    """Adds pass 1's key bins (``keys``: exactly 65536 aligned int64 counts) of a dtype whose
+    values are their key bins' own (bfloat16, float8_e4m3fn, float8_e5m2; ValueError for any
+    other) into ``hist`` (exactly 64 int64 counts): each key bin's count in the bin of its value,
+    binned in float64 as pass 2's checking loop bins ((v - lo) * scale clamped to [0, 63]); the
+    key bins of NaN and Inf are left out. The GIL is released."""

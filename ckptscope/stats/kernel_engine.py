@@ -104,12 +104,40 @@ class Gathering:
         return plan.resolve_collected(values)
 
 
+SEEDED_MIN = 1 << 17
+"""Elements from which a histogram seeded from the key bins pays: reading 65,536 key bins costs
+about what binning this many values does."""
+
+
+def new_histogram(
+    kernel: Kernel, acc: Accumulator, walker: TensorWalker, keyed: bool, numel: int
+) -> tuple[array[int], bool]:
+    """Pass 2's histogram and whether it is already filled: where pass 1 counted the key bins
+    (``keyed``) of values that are their key bins' own (bfloat16, float8:
+    ``values_exact_in_key_bins``) and there are enough of them, it comes filled from those key
+    bins (``_kernel.hist_of_keys``) and pass 2 has none of the histogram's work; else empty."""
+    hist = array("q", bytes(8 * HIST_BINS))
+    if not (keyed and numel >= SEEDED_MIN and walker.values_exact_in_key_bins):
+        return hist, False
+    kernel.hist_of_keys(acc.keys, kernel.DTYPES[walker.info.dtype], acc.lo, acc.hist_scale(), hist)
+    return hist, True
+
+
 def _pass2(
-    kernel: Kernel, acc: Accumulator, c: Chunk, dirty: bool, mean: float, hist: array[int], g: Gathering
+    kernel: Kernel,
+    acc: Accumulator,
+    c: Chunk,
+    dirty: bool,
+    mean: float,
+    hist: array[int],
+    g: Gathering,
+    from_keys: bool = False,
 ) -> None:
+    """``from_keys``: ``hist`` came filled from the key bins (``new_histogram``); only the sums
+    and the percentiles' values are gathered."""
     code = kernel.DTYPES[c.dtype]
     shift, css, g.count = kernel.pass2(
-        c.buffer, c.n, code, dirty, mean, acc.lo, acc.hist_scale(), hist, g.lut, g.out, g.count, g.sub
+        c.buffer, c.n, code, dirty, mean, acc.lo, acc.hist_scale(), hist, g.lut, g.out, g.count, g.sub, from_keys
     )
     acc.shift += shift
     acc.css += css
@@ -136,9 +164,9 @@ def tensor_stats_with_kernel(
     if acc.n:
         rank_plan = acc.plan_percentiles(plan.count, plan.factor, walker.values_exact_in_key_bins) if extras else None
         gathering = Gathering(rank_plan, bufs)
-        hist = array("q", bytes(8 * HIST_BINS))
+        hist, from_keys = new_histogram(kernel, acc, walker, extras, info.numel)
         for c, chunk_dirty in zip(walker.chunks(), dirty, strict=True):
-            _pass2(kernel, acc, c, chunk_dirty, mean, hist, gathering)
+            _pass2(kernel, acc, c, chunk_dirty, mean, hist, gathering, from_keys)
         acc.hist = hist.tolist()
         acc.percentiles = gathering.percentiles()
     walker.release()

@@ -135,9 +135,10 @@ def _pass2(
         assert gathering is not None
         acc = Accumulator()
         acc.lo, acc.hi = whole.lo, whole.hi
-        counts = array("q", bytes(8 * HIST_BINS))
+        acc.keys = p.acc.keys  # this piece's key bins, binned over the whole range
+        counts, from_keys = kernel_engine.new_histogram(kernel, acc, p.walker, True, p.plan.count)
         for chunk, dirty in chunks:
-            kernel_engine._pass2(kernel, acc, chunk, dirty, mean, counts, gathering)
+            kernel_engine._pass2(kernel, acc, chunk, dirty, mean, counts, gathering, from_keys)
             for _ in range(p.plan.factor - 1):  # the repetitions' values, for the percentiles only
                 kernel_engine._pass2(
                     kernel, Accumulator(), chunk, dirty, mean, array("q", bytes(8 * HIST_BINS)), gathering

@@ -2,10 +2,12 @@
 
     python -m fuzz.fuzz_kernel [libFuzzer flags] [CORPUS_DIR ...]
 
-Each input is decoded (``atheris.FuzzedDataProvider``) into one ``pass1``, ``pass2`` or ``convert``
-call of one dtype code (any of ``DTYPES``, mostly float32/float64, or an unknown code, a huge one
-or not an int): the values as raw bit patterns or picked values (NaN, +-Inf, the float32/float64
-extremes, denormals, values far outside [lo, hi]; for the other dtypes their NaN/Inf patterns and
+Each input is decoded (``atheris.FuzzedDataProvider``) into one ``pass1``, ``pass2`` (sometimes
+``seeded``: then only bfloat16/float8 are taken and nothing is counted into the histogram),
+``convert`` or ``hist_of_keys`` call (key counts of any shape into a histogram) of one dtype code
+(any of ``DTYPES``, mostly float32/float64, or an unknown code, a huge one or not an int): the
+values as raw bit patterns or picked values (NaN, +-Inf, the float32/float64 extremes, denormals,
+values far outside [lo, hi]; for the other dtypes their NaN/Inf patterns and
 integer extremes), tiled past the kernel's 2048-value blocks; the buffer as bytes, a
 bytearray, an array, a read-only, misaligned, non-contiguous or wrongly typed view, or the last
 (or first) bytes of a mapping next to a PROT_NONE page, so a read or write one byte past either end
@@ -142,6 +144,7 @@ DTYPE_KINDS = {
 }  # fmt: skip
 ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 2, 4: 1, 5: 1, 6: 1, 7: 1, 8: 2, 9: 2, 10: 4, 11: 4, 12: 8, 13: 8, 14: 1}
 COMPUTES_DOUBLE = {c: c == 1 or c >= 6 for c in DTYPE_KINDS}
+SEEDABLE = frozenset({3, 4, 5})  # bfloat16, float8_e4m3fn, float8_e5m2: values that are their key bins'
 # stored bit patterns worth trying per item size (NaN, Inf, zeros, extremes of the integers)
 PATTERNS = {
     1: [0x00, 0x01, 0x7F, 0x80, 0xFF, 0x7E, 0xFE, 0x7C, 0xFC, 0x08, 0x07],
@@ -799,11 +802,68 @@ def check_percentiles(
         raise Finding(f"pass2 sub counts wrong at (index, got, expected) {wrong}")
 
 
+def key_bin_values(keys: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 value of each key bin (the top 16 bits of its key unfolded) and its count."""
+    counts = np.frombuffer(keys, dtype=np.int64)
+    key = np.arange(KEY_BINS, dtype=np.uint32)
+    top = np.where(key & 0x8000, key ^ 0x8000, ~key & 0xFFFF).astype(np.uint32)
+    return (top << np.uint32(16)).view(np.float32).astype(np.float64), counts
+
+
+@instrument
+def call_hist_of_keys(fdp: atheris.FuzzedDataProvider, dtype: Any, code: int | None) -> None:
+    """One ``hist_of_keys`` call: key counts (any size, alignment, type; mostly zero, some bins
+    counted or every bin at one base count), a histogram buffer as pass 2's, lo and scale natural or
+    not. A return must add, for each finite key bin value, its count into that value's float64 bin."""
+    keys = make_counts(fdp, KEY_BINS, GUARDED_KEYS)
+    hist = make_counts(fdp, BINS, GUARDED_HIST)
+    lo, scale = make_float(fdp, fdp.PickValueInList([-1.0, -0.05, 0.0, 3.0])), make_float(fdp, 64 / 2.0)
+    flo, fscale = as_float(lo), as_float(scale)
+    keys_ok = is_contiguous_buffer(keys.obj, False) and len(keys.before or b"") == KEY_BINS * 8
+    keys_ok = keys_ok and aligned_for_int64(keys.obj)
+    params_ok = flo is not None and fscale is not None and math.isfinite(flo) and math.isfinite(fscale) and fscale >= 0
+    valid = code in SEEDABLE and keys_ok and hist.writable_counts(BINS) and params_ok
+    try:
+        KERNEL.hist_of_keys(keys.obj, dtype, lo, scale, hist.obj)
+    except Exception as exc:
+        if not allowed(exc, keys.obj):
+            raise
+        if valid:
+            raise Finding(f"hist_of_keys refused a valid call: {type(exc).__name__}: {exc}") from exc
+        if hist.obj is not keys.obj and not hist.unchanged():
+            raise Finding("hist_of_keys wrote into the histogram of a call it refused") from exc
+    else:
+        if not valid:
+            raise Finding(f"hist_of_keys returned for an invalid call (dtype {dtype!r})")
+        assert flo is not None and fscale is not None and keys.before is not None and hist.before is not None
+        values, counts = key_bin_values(keys.before)
+        finite = np.isfinite(values) & (counts != 0)
+        with np.errstate(all="ignore"):
+            t = (values[finite] - flo) * fscale
+        t = np.where(t > 0.0, t, 0.0)  # NaN: 0
+        ids = np.where(t < BINS - 1.0, t, BINS - 1.0).astype(np.int64)
+        want = array("q", hist.before).tolist()
+        for i, c in zip(ids.tolist(), counts[finite].tolist(), strict=True):
+            want[i] += c
+        got = array("q", raw_bytes(hist.obj) or b"").tolist()
+        if got != want:
+            wrong = [(j, got[j], want[j]) for j in range(BINS) if got[j] != want[j]][:8]
+            raise Finding(f"hist_of_keys histogram wrong at (bin, got, expected) {wrong}")
+    for region, what in ((keys, "keys"), (hist, "histogram")):
+        if not region.canaries_intact():
+            raise Finding(f"hist_of_keys wrote outside the {what} buffer")
+    if keys.obj is not hist.obj and not keys.unchanged():
+        raise Finding("hist_of_keys wrote into the key counts")
+
+
 @instrument
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    which = fdp.ConsumeIntInRange(0, 4)  # 0, 1: pass 1; 2, 3: pass 2; 4: convert
+    which = fdp.ConsumeIntInRange(0, 5)  # 0, 1: pass 1; 2, 3: pass 2; 4: convert; 5: hist_of_keys
     dtype, code = make_dtype(fdp)
+    if which == 5:
+        call_hist_of_keys(fdp, dtype, code)
+        return
     stored_as = code if code is not None else fdp.ConsumeIntInRange(0, 14)  # an unknown code: any values
     is_double = COMPUTES_DOUBLE[stored_as]
     item, citem = ITEMSIZE[stored_as], 8 if is_double else 4
@@ -872,11 +932,13 @@ def test_one_input(data: bytes) -> None:
         wanted_ok = out_len % citem == 0 and -1 <= ncollected <= out_len // citem
     else:
         wanted_ok = sub.writable_counts(most * KEY_BINS)
-    valid2 = valid and hist.writable_counts(BINS) and params_ok and wanted_ok
+    seeded = fdp.ConsumeIntInRange(0, 5) == 0  # the histogram already filled from the key bins
+    valid2 = valid and hist.writable_counts(BINS) and params_ok and wanted_ok and (not seeded or code in SEEDABLE)
     written = (hist, out, sub)
+    extra = (True,) if seeded else ()
     try:
         result = KERNEL.pass2(
-            buffer, count, dtype, dirty, mean, lo, scale, hist.obj, lut.obj, out.obj, collected, sub.obj
+            buffer, count, dtype, dirty, mean, lo, scale, hist.obj, lut.obj, out.obj, collected, sub.obj, *extra
         )
     except Exception as exc:
         if not allowed(exc, buffer, lut.obj):
@@ -893,9 +955,10 @@ def test_one_input(data: bytes) -> None:
         assert ncollected is not None and lut_bytes is not None and snapshot is not None
         shift, css, got = result
         want = check_pass2((shift, css), vals, is_double, dirty, fmean, flo, fscale)
+        want = [0] * BINS if seeded else want  # a seeded pass counts nothing into the histogram
         after = array("q", raw_bytes(hist.obj) or b"").tolist()
         added = [a - b for a, b in zip(after, array("q", hist.before).tolist(), strict=True)]
-        if any(c < 0 for c in added) or sum(added) != sum(want):
+        if any(c < 0 for c in added) or sum(added) != sum(want):  # (a seeded pass: all 0)
             raise Finding(f"pass2 added {sum(added)} counts (some negative: {min(added) < 0}), expected {sum(want)}")
         if added != want:
             raise Finding(f"pass2 histogram {added}, expected {want}")

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -210,16 +211,9 @@ def _widen(o: _Observed, x: float) -> tuple[float, float]:
     return x - d, x + d
 
 
-def _check_std(o: _Observed, law: _Law) -> float:
-    rel_dev = abs(o.std / law.std - 1.0)
-    slack = o.rel + o.zeros / o.n
-    se = math.sqrt((law.kurtosis - 1.0) / (4.0 * o.n))
-    return min(Z_CAP, max(0.0, rel_dev - slack) / se)
-
-
 def _score(o: _Observed, law: _Law, bound: float, std_z: float) -> float:
     """The largest z of ``o`` against ``law`` (stops early once above ``bound``); ``std_z``: the
-    standard deviation's z (``_check_std``), which it is never below."""
+    standard deviation's z (as ``init_verdict`` ranks the laws by it), which it is never below."""
     worst = std_z
     if worst >= bound:
         return worst
@@ -235,12 +229,13 @@ def _score(o: _Observed, law: _Law, bound: float, std_z: float) -> float:
     if o.percentiles is not None and worst < bound:
         slack = 1.0 / n + o.zeros / n + (RANK_SLACK if n > EXACT_PERCENTILES_UP_TO else 0.0)
         joint: list[tuple[float, float]] = []  # (level, its CDF image moved toward it by the slack)
+        cdf, rel, tiny, get, isfinite = law.cdf, o.rel, o.tiny, o.percentiles.get, math.isfinite
         for key, q in _LEVELS:
-            x = o.percentiles.get(key)
-            if x is None or not math.isfinite(x):
+            x = get(key)
+            if x is None or not isfinite(x):
                 continue
-            a, b = _widen(o, x)
-            u_lo, u_hi = law.cdf(a) - slack, law.cdf(b) + slack
+            d = abs(x) * rel + tiny  # _widen, inline (it runs for every level of every candidate)
+            u_lo, u_hi = cdf(x - d) - slack, cdf(x + d) + slack
             worst = max(worst, _check_quantile(q, u_lo, u_hi, n))
             if n * min(q, 1.0 - q) >= JOINT_RANK:
                 joint.append((q, min(max(q, u_lo), u_hi)))
@@ -336,11 +331,17 @@ def _law(what: str, family: Literal["normal", "uniform", "trunc"], value: float)
     return _Law(what, family, value / (_TRUNC2_STD if family == "trunc" else 1.0), value)
 
 
+_FIXED_LAWS: tuple[_Law, ...] = (
+    *(_Law(label, "normal", s) for s, label in FIXED_STDS),
+    _Law("trunc_normal_(std=0.02, a=-0.04, b=0.04)", "trunc", 0.02),
+)
+"""Every tensor's first candidates (laws are immutable, so one set serves all)."""
+
+
 def _candidates(name: str, shape: tuple[int, ...], o: _Observed, module_type: str | None) -> list[_Law]:
     parts = name.split(".")
     owner = parts[-2] if len(parts) >= 2 else ""
-    laws = [_Law(label, "normal", s) for s, label in FIXED_STDS]
-    laws.append(_Law("trunc_normal_(std=0.02, a=-0.04, b=0.04)", "trunc", 0.02))
+    laws = list(_FIXED_LAWS)
     if owner in RESIDUAL_PROJECTIONS:
         for layers in _integer_family(o.std, 0.02 / math.sqrt(2.0), 1, 1024):
             what = f"normal_(0, 0.02/sqrt(2·{layers})) (GPT-2 residual, n_layer={layers})"
@@ -357,11 +358,27 @@ def _candidates(name: str, shape: tuple[int, ...], o: _Observed, module_type: st
         if bound > 0.0:
             laws.append(_law("uniform_(±1/sqrt(fan_in)) (torch default bias, bound fitted)", "uniform", bound))
         return laws
+    laws += _shape_laws(shape, module_type)
+    if (
+        len(shape) == 2 and owner == "q" and o.std > 0.0
+    ):  # T5: normal_(0, (d_model·d_kv)^-0.5), d_kv dividing the inner dim
+        fan_in, fan_out = _fans(shape, module_type)
+        if fan_in > 0 and fan_out > 0:
+            for d_kv in _divisors_near(shape[0], 1.0 / (o.std**2 * fan_in)):
+                what = f"normal_(0, (d_model·d_kv)^-0.5) (T5 q, d_kv={d_kv})"
+                laws.append(_law(what, "normal", 1 / math.sqrt(fan_in * d_kv)))
+    return laws
+
+
+@lru_cache(maxsize=4096)
+def _shape_laws(shape: tuple[int, ...], module_type: str | None) -> tuple[_Law, ...]:
+    """The candidates a tensor of this shape (2-D or more) gets from its fans alone: the same for
+    every tensor of the shape, so made once per shape."""
     fan_in, fan_out = _fans(shape, module_type)
     if fan_in <= 0 or fan_out <= 0:
-        return laws
+        return ()
     both = fan_in + fan_out
-    laws += [
+    laws = [
         _law("kaiming_uniform_(a=sqrt(5)) (torch default)", "uniform", 1 / math.sqrt(fan_in)),
         _law("kaiming_uniform_(relu, fan_in)", "uniform", math.sqrt(6 / fan_in)),
         _law("kaiming_uniform_(relu, fan_out)", "uniform", math.sqrt(6 / fan_out)),
@@ -379,11 +396,11 @@ def _candidates(name: str, shape: tuple[int, ...], o: _Observed, module_type: st
         for gates, what in ((3, "GRU"), (4, "LSTM")):
             if rows % gates == 0:
                 laws.append(_law(f"{what} default uniform_(±1/sqrt(hidden))", "uniform", 1 / math.sqrt(rows // gates)))
-        if owner == "q" and o.std > 0.0:  # T5: normal_(0, (d_model·d_kv)^-0.5), d_kv dividing the inner dim
-            for d_kv in _divisors_near(rows, 1.0 / (o.std**2 * fan_in)):
-                what = f"normal_(0, (d_model·d_kv)^-0.5) (T5 q, d_kv={d_kv})"
-                laws.append(_law(what, "normal", 1 / math.sqrt(fan_in * d_kv)))
-    return laws
+    return tuple(laws)
+
+
+def _first(pair: tuple[float, _Law]) -> float:
+    return pair[0]
 
 
 def _constant(value: float) -> str:
@@ -432,7 +449,16 @@ def init_verdict(
     )
     best: tuple[float, str] = (math.inf, "")
     laws = _candidates(name, shape, observed, module_type)
-    ranked = sorted(((_check_std(observed, law), law) for law in laws), key=lambda pair: pair[0])
+    # each law's z of the standard deviation (inline: it runs for every candidate of every tensor)
+    slack, n4, std = observed.rel + observed.zeros / observed.n, 4.0 * observed.n, observed.std
+    sqrt = math.sqrt
+    ranked = sorted(
+        (
+            (min(Z_CAP, max(0.0, abs(std / law.std - 1.0) - slack) / sqrt((law.kurtosis - 1.0) / n4)), law)
+            for law in laws
+        ),
+        key=_first,
+    )
     for std_z, law in ranked:  # closest standard deviation first: the first that fits is the match
         if std_z >= best[0]:  # a score is never below its std's z: no law from here on can do better
             break

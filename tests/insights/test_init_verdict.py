@@ -367,3 +367,29 @@ def test_error_rates_over_seeds_and_shapes() -> None:
     assert fresh_init == len(weights)
     assert small_init / len(small) <= 0.25
     assert large_init / len(large) <= 0.05
+
+
+def test_the_laws_a_shape_shares_do_not_carry_one_tensors_name_or_values_to_the_next() -> None:
+    """The fan-based candidates are made once per shape: a name-dependent law (GPT-2's residual
+    projections, T5's q) and a value-fitted one (a bias's bound) still come from each tensor's own
+    name and values, whichever tensor of the shape is judged first."""
+    torch.manual_seed(3)
+    residual = torch.randn(768, 768) * (0.02 / math.sqrt(2 * 12))
+    order = ["h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "h.1.attn.c_attn.weight", "h.1.attn.c_proj.weight"]
+    verdicts = {name: init_verdict(name, (768, 768), stats_of(residual), dtype="float32") for name in order}
+    for name in order:
+        if "c_proj" in name:
+            assert verdicts[name].verdict == "init" and "n_layer=12" in (verdicts[name].matches or ""), name
+        else:
+            assert verdicts[name].verdict == "trained", name  # no residual law for c_attn
+    d_kv = 64
+    q = torch.randn(512, 512) * (512 * d_kv) ** -0.5
+    t5 = init_verdict("block.0.layer.0.SelfAttention.q.weight", (512, 512), stats_of(q), dtype="float32")
+    assert t5.verdict == "init" and f"d_kv={d_kv}" in (t5.matches or "")
+    plain = init_verdict("block.0.layer.0.SelfAttention.k.weight", (512, 512), stats_of(q), dtype="float32")
+    assert "T5 q" not in (plain.matches or "")
+    for bound in (0.1, 0.3):
+        bias = (torch.rand(4096) * 2 - 1) * bound
+        got = init_verdict("fc.bias", (4096,), stats_of(bias), dtype="float32")
+        assert got.verdict == "init" and "bound fitted" in (got.matches or "")
+        assert abs(float((got.matches or "").rsplit(" ", 1)[-1]) - bound) < 0.01 * bound

@@ -86,9 +86,9 @@ class LogHistogram:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "neg": [[e, c] for e, c in sorted(self.neg.items())],
+            "neg": list(map(list, sorted(self.neg.items()))),  # [[exponent, count], ...] ascending
             "zero": self.zero,
-            "pos": [[e, c] for e, c in sorted(self.pos.items())],
+            "pos": list(map(list, sorted(self.pos.items()))),
         }
 
     @classmethod

@@ -14,7 +14,10 @@ from ckptscope.formats.model import TensorInfo
 def module_order(parts: Sequence[str]) -> list[str]:
     """Name parts in file order, except that the integer ones (layers.0, layers.10) take the places
     of integer parts in numeric order: ``["a", "10", "2", "b"]`` -> ``["a", "2", "10", "b"]``."""
-    numeric = iter(sorted((p for p in parts if p.isdigit()), key=int))
+    digits = [p for p in parts if p.isdigit()]
+    if not digits:
+        return list(parts)
+    numeric = iter(sorted(digits, key=int))
     return [next(numeric) if p.isdigit() else p for p in parts]
 
 
@@ -38,6 +41,8 @@ class TreeNode:
 
     def child_list(self) -> list[TreeNode]:
         """Children in file order, except that integer parts sort numerically (``module_order``)."""
+        if not self.children:  # a tensor's node
+            return []
         return [self.children[k] for k in module_order(list(self.children))]
 
     def find(self, path: str) -> TreeNode | None:

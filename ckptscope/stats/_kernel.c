@@ -220,7 +220,9 @@ static inline uint64_t key_f64(double v) {
  * histogram) without reading more, so the hardware prefetcher, which also stops at each 4 KiB
  * page, loses the stream at every block: a value not in the cache then costs about twice what
  * it costs from the cache. So each block first asks for the cache lines of the block
- * PREFETCH_BLOCKS ahead (a prefetch never faults; those past the end are not asked for). */
+ * PREFETCH_BLOCKS ahead (a prefetch never faults; those past the end are not asked for). Not in
+ * pass 1 without keys over 4-byte or wider values: it reads without a break, the hardware keeps
+ * up, and the extra requests measured slower there (0.43 -> 0.52 ns per float32 element). */
 #ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 2
 #endif
@@ -286,7 +288,7 @@ typedef struct {
         for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                 \
             Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;                               \
             const unsigned char *b = x + (size_t)start * sizeof(S);                             \
-            PREFETCH_AHEAD(x, start, n, S);                                                     \
+            if (KEYED || sizeof(S) < 4) PREFETCH_AHEAD(x, start, n, S);                         \
             Py_ssize_t j = 0;                                                                   \
             for (; j + LANES <= m; j += LANES) {                                                \
                 T t[LANES];                                                                     \

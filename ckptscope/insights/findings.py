@@ -32,9 +32,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
-
-from ckptscope.stats.model import TensorStats
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from ckptscope.insights.init_verdict import InitVerdict
@@ -100,12 +98,33 @@ class Thresholds:
         return asdict(self)
 
 
+class RuleStats(Protocol):
+    """What the rules read of a tensor's stats: a ``TensorStats``, or just these figures of it."""
+
+    @property
+    def numel(self) -> int: ...
+    @property
+    def std(self) -> float | None: ...
+    @property
+    def l2(self) -> float | None: ...
+    @property
+    def absmax(self) -> float | None: ...
+    @property
+    def zeros(self) -> int: ...
+    @property
+    def nan(self) -> int: ...
+    @property
+    def inf(self) -> int: ...
+    @property
+    def percentiles(self) -> dict[str, float] | None: ...
+
+
 class TensorFacts(NamedTuple):
     name: str
     shape: tuple[int, ...]
     dtype: str
     kind: str  # "parameter" | "buffer"
-    stats: TensorStats | None
+    stats: RuleStats | None
     init: InitVerdict | None
 
 
@@ -130,7 +149,7 @@ def _finding(rule: str, severity: str, f: TensorFacts, message: str, values: dic
 # --- rules on one tensor ---------------------------------------------------------------------
 
 
-def _nan_inf(f: TensorFacts, s: TensorStats) -> Finding | None:
+def _nan_inf(f: TensorFacts, s: RuleStats) -> Finding | None:
     if not (s.nan or s.inf):
         return None
     return _finding(
@@ -143,7 +162,7 @@ def _nan_inf(f: TensorFacts, s: TensorStats) -> Finding | None:
     )
 
 
-def _spike(f: TensorFacts, s: TensorStats, t: Thresholds) -> Finding | None:
+def _spike(f: TensorFacts, s: RuleStats, t: Thresholds) -> Finding | None:
     p = s.percentiles
     if not p or s.absmax is None or "0.1" not in p or "99.9" not in p:
         return None  # no percentiles (older stats): the rule cannot tell
@@ -163,7 +182,7 @@ def _spike(f: TensorFacts, s: TensorStats, t: Thresholds) -> Finding | None:
     )
 
 
-def _zeros(f: TensorFacts, s: TensorStats, t: Thresholds) -> Finding | None:
+def _zeros(f: TensorFacts, s: RuleStats, t: Thresholds) -> Finding | None:
     if s.numel <= 0 or s.nan or s.inf:
         return None
     if s.zeros == s.numel:
@@ -184,7 +203,7 @@ def _zeros(f: TensorFacts, s: TensorStats, t: Thresholds) -> Finding | None:
     return None
 
 
-def _is_dead(s: TensorStats) -> bool:
+def _is_dead(s: RuleStats) -> bool:
     return s.numel > 0 and s.zeros == s.numel
 
 
@@ -194,13 +213,24 @@ def _is_dead(s: TensorStats) -> bool:
 _GROUP = "tensors of its role and shape"
 
 
-def _groups(facts: Sequence[TensorFacts], t: Thresholds, min_ndim: int) -> list[list[TensorFacts]]:
-    """Parameters of the same role and shape (at least ``min_ndim`` dimensions), in groups of at
-    least ``min_siblings``."""
-    by: dict[tuple[str, tuple[int, ...]], list[TensorFacts]] = defaultdict(list)
+def _roles(facts: Sequence[TensorFacts]) -> list[tuple[TensorFacts, str]]:
+    """The parameters that have a role other than their own name (a numbered path part), with it."""
+    out = []
     for f in facts:
-        if f.kind == "parameter" and len(f.shape) >= min_ndim and role(f.name) != f.name:
-            by[(role(f.name), f.shape)].append(f)
+        if f.kind == "parameter":
+            r = role(f.name)
+            if r != f.name:
+                out.append((f, r))
+    return out
+
+
+def _groups(roles: Sequence[tuple[TensorFacts, str]], t: Thresholds, min_ndim: int) -> list[list[TensorFacts]]:
+    """Parameters of the same role and shape (at least ``min_ndim`` dimensions), in groups of at
+    least ``min_siblings``; ``roles``: ``_roles`` of the facts."""
+    by: dict[tuple[str, tuple[int, ...]], list[TensorFacts]] = defaultdict(list)
+    for f, r in roles:
+        if len(f.shape) >= min_ndim:
+            by[(r, f.shape)].append(f)
     return [g for g in by.values() if len(g) >= t.min_siblings]
 
 
@@ -216,6 +246,8 @@ def _variance(group: list[TensorFacts], t: Thresholds) -> list[Finding]:
     out = []
     for f, std in live:
         ratio = std / median
+        if t.variance_collapsed <= ratio <= t.variance_exploding:
+            continue
         values = {"std": _num(std), "median_std": _num(median), "ratio": _num(ratio), "group": len(live)}
         if ratio > t.variance_exploding:
             out.append(
@@ -363,13 +395,14 @@ def find(facts: Sequence[TensorFacts], thresholds: Thresholds = Thresholds()) ->
         for rule in (_spike(f, s, t), _zeros(f, s, t)):
             if rule:
                 per[f.name].append(rule)
-    for group in _groups(facts, t, t.sibling_min_ndim):
+    roles = _roles(facts)
+    for group in _groups(roles, t, t.sibling_min_ndim):
         variance = _variance(group, t)
         for found in variance:
             per[found.target].append(found)
         for found in _norms(group, t, {v.target for v in variance}):
             per[found.target].append(found)
-    for group in _groups(facts, t, 1):  # a norm layer's weight still at ones among trained ones counts too
+    for group in _groups(roles, t, 1):  # a norm layer's weight still at ones among trained ones counts too
         for found in _untrained(group, t):
             per[found.target].append(found)
     out = [found for f in facts for found in per.pop(f.name, [])]

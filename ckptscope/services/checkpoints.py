@@ -23,6 +23,7 @@ from ckptscope.store.queries import check_root as check_root  # for the routes
 from ckptscope.store.queries import check_sort as check_sort  # for the routes
 from ckptscope.text import make_storable, storable_text
 
+from .insights import SingleFlight
 from .uploaded_folders import arrange_upload
 
 if TYPE_CHECKING:
@@ -198,14 +199,35 @@ def all_tensors(core: Core, content: Content, root: str = "") -> list[tuple[Tens
     return core.queries.all_tensors(content, root)
 
 
+_tree_flights: SingleFlight[TreeNode] = SingleFlight()
+
+
+class _NotBuilt(Exception):
+    pass
+
+
+def _not_built() -> TreeNode:
+    raise _NotBuilt
+
+
 def module_tree(core: Core, content: Content, root: str) -> TreeNode:
-    """The module tree of a root, built once per (content, root, stats state)."""
+    """The module tree of a root, built once per (content, root, stats state): requests that ask
+    while it is being built wait for that build."""
+    key = (content.key, root, content.stats_state)
 
     def build() -> TreeNode:
         tensors, nonfinite = core.queries.tree_inputs(content, root)
         return build_tree(tensors, nonfinite, module_types_under(content.module_types or {}, root))
 
-    return core.trees.get((content.key, root, content.stats_state), build)
+    return _tree_flights.run((core.trees, key), lambda: core.trees.get(key, build))
+
+
+def built_module_tree(core: Core, content: Content, root: str) -> TreeNode | None:
+    """``module_tree`` if it is built already, else None (nothing is built)."""
+    try:
+        return core.trees.get((content.key, root, content.stats_state), _not_built)
+    except _NotBuilt:
+        return None
 
 
 _SHORT_DTYPES = {

@@ -3,11 +3,15 @@ their roll-up per module. One implementation for the UI, REST and the CLI."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from ckptscope.formats import TensorInfo
 from ckptscope.formats.model import module_types_under
@@ -21,8 +25,48 @@ if TYPE_CHECKING:
     from ckptscope.store.catalogue import Content
 
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """Overlapping calls of one key run once: the first caller computes, the others wait for its
+    result (or its error). Nothing is kept once the call is over (a cache is the caller's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, Future[T]] = {}
+
+    def run(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            running = self._running.get(key)
+            if running is None:
+                mine: Future[T] = Future()
+                self._running[key] = mine
+        if running is not None:
+            return running.result()
+        try:
+            value = compute()
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        else:
+            mine.set_result(value)
+            return value
+        finally:
+            with self._lock:
+                del self._running[key]
+
+    def running(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._running
+
+
+_NO_FINDINGS = dict.fromkeys(SEVERITIES, 0)
+
+
 def _severities() -> dict[str, int]:
-    return dict.fromkeys(SEVERITIES, 0)
+    return _NO_FINDINGS.copy()  # one per module: a copy is the cheapest new dict
 
 
 @dataclass(slots=True)
@@ -77,7 +121,6 @@ def analyse(
 ) -> Insights:
     """``tensors``: one root's tensors (names relative to it) with their stats (None while pending);
     ``module_types``: module path -> class name (whole-module pickles), for the init verdicts."""
-    thresholds = thresholds or Thresholds()
     verdicts: dict[str, InitVerdict] = {}
     facts: list[TensorFacts] = []
     for t, s in tensors:
@@ -85,10 +128,21 @@ def analyse(
         verdicts[t.name] = v
         if t.alias_of is None:  # a tied tensor is its original's findings
             facts.append(TensorFacts(t.name, t.shape, t.dtype, t.kind, s, v))
+    return _roll_up(verdicts, facts, thresholds or Thresholds())
+
+
+def _roll_up(verdicts: dict[str, InitVerdict], facts: list[TensorFacts], thresholds: Thresholds) -> Insights:
+    """The findings of the tensors' facts and their roll-up per module; ``verdicts``: every tensor
+    of the root (tied ones too) by name, in file order."""
     findings = find(facts, thresholds)
     modules: dict[str, ModuleInsight] = {}
-    for t, _ in tensors:
-        for path in _module_paths(t.name):
+    for name in verdicts:
+        parts = name.split(".") if name else []
+        path = ""
+        if path not in modules:
+            modules[path] = ModuleInsight(0, 0)
+        for part in parts[:-1]:  # the modules holding the tensor (``_module_paths``)
+            path = f"{path}.{part}" if path else part
             if path not in modules:
                 modules[path] = ModuleInsight(0, 0)
     for path, (layers, untrained) in untrained_by_module({f.name: f.init for f in facts if f.init}).items():
@@ -130,27 +184,132 @@ class _Cache:
 
 
 _cache = _Cache()
+_flights: SingleFlight[Insights] = SingleFlight()
+
+
+def _done(content: Content) -> bool:
+    # the catalogue's side, imported here: ``analyse`` also serves the CLI, which has no catalogue
+    from ckptscope.store.catalogue import StatsState
+
+    return content.stats_state == StatsState.DONE
 
 
 def checkpoint_insights(core: Core, content: Content, root: str) -> Insights:
     """The insights of a stored checkpoint's root (``root`` already checked, e.g. ``check_root``),
-    from the catalogue's listing and stats. Cached once the stats are done; recomputed while
-    they are still coming (tensors without stats get no value findings yet)."""
-    # the catalogue's side, imported here: ``analyse`` also serves the CLI, which has no catalogue
-    from ckptscope.store.catalogue import StatsState
-
-    from . import checkpoints
-
+    from the catalogue's listing and stats. Cached once the stats are done (computed once: requests
+    that ask while it is being computed wait for that computation); recomputed while they are still
+    coming (tensors without stats get no value findings yet)."""
     thresholds = thresholds_of(core.settings)
     key = (content.key, root, thresholds)
-    done = content.stats_state == StatsState.DONE
-    if done and (cached := _cache.get(key)) is not None:
+
+    def compute() -> Insights:
+        return _catalogue_insights(core, content, root, thresholds)
+
+    if not _done(content):
+        return compute()
+    if (cached := _cache.get(key)) is not None:
         return cached
-    pairs = checkpoints.all_tensors(core, content, root)
-    result = analyse(pairs, thresholds, module_types=module_types_under(content.module_types or {}, root))
-    if done:
+
+    def compute_and_keep() -> Insights:
+        if (cached := _cache.get(key)) is not None:  # finished between the check above and this call
+            return cached
+        result = compute()
         _cache.put(key, result)
-    return result
+        return result
+
+    return _flights.run(key, compute_and_keep)
+
+
+class _RuleStats(NamedTuple):
+    """What the rules read of a tensor's stats (``findings.RuleStats``), taken from its catalogue
+    row's columns as ``row_to_stats`` takes them, without decoding the stored histogram (only its
+    percentiles are read out of that text)."""
+
+    numel: int
+    std: float | None
+    l2: float | None
+    absmax: float | None
+    zeros: int
+    nan: int
+    inf: int
+    percentiles: dict[str, float] | None
+
+
+_PERCENTILES = re.compile(r'"percentiles"\s*:\s*')
+_DECODER = json.JSONDecoder()
+
+
+def _percentiles(hist: str) -> Any:
+    """The ``percentiles`` of a stored histogram's JSON text (``row_to_stats``'s
+    ``hist.get("percentiles")``), decoding that value alone. The key can only be the object's own:
+    inside a JSON string every quote is escaped."""
+    at = hist.find('"percentiles":')  # as ``dumps`` writes it
+    if at >= 0:
+        at += 14
+        while hist[at] in " \t\n\r":
+            at += 1
+        return _DECODER.raw_decode(hist, at)[0]
+    found = _PERCENTILES.search(hist)  # a space before the colon
+    if found is None:
+        return json.loads(hist).get("percentiles")  # not in the text: absent
+    return _DECODER.raw_decode(hist, found.end())[0]
+
+
+def _catalogue_insights(core: Core, content: Content, root: str, thresholds: Thresholds) -> Insights:
+    """``analyse`` of a stored root, read in one pass over its catalogue rows: the rules' figures and
+    the stored init verdict straight from the columns (no histogram decoded, no listing record
+    made); a row without stats or without a stored verdict goes through ``analyse``'s own
+    ``tensor_init`` with its full records, so the result is ``analyse``'s."""
+    from ckptscope.formats.model import relative_name
+    from ckptscope.store.queries import int_tuple, row_to_stats
+
+    module_types = module_types_under(content.module_types or {}, root)
+    _, rows = core.queries.tensor_rows(content, root, limit=max(content.tensor_count, 1))
+    verdicts: dict[str, InitVerdict] = {}
+    facts: list[TensorFacts] = []
+    from_json = InitVerdict.from_json
+    loads = json.loads
+    for r in rows:
+        name = relative_name(r["name"], root) or r["name"]
+        hist, init = r["hist"], r["init"]
+        if hist is not None and init is not None:
+            stats: _RuleStats | TensorStats | None = _RuleStats(
+                r["numel"], r["std"], r["l2"], r["absmax"], r["zeros"] or 0, r["nan"] or 0, r["inf"] or 0,
+                _percentiles(hist),
+            )  # fmt: skip
+            v = from_json(loads(init))
+            shape, dtype, kind = int_tuple(r["shape"]), r["dtype"], r["kind"]
+        else:
+            info, stats = core.queries.row_to_info(r, root), row_to_stats(r)
+            v = tensor_init(info, stats, module_types)
+            shape, dtype, kind = info.shape, info.dtype, info.kind
+        verdicts[name] = v
+        alias = relative_name(r["alias_of"], root) if r["alias_of"] else None
+        if alias is None:  # a tied tensor is its original's findings
+            facts.append(TensorFacts(name, shape, dtype, kind, stats, v))
+    return _roll_up(verdicts, facts, thresholds)
+
+
+def cached_insights(core: Core, content: Content, root: str) -> Insights | None:
+    """The insights ``checkpoint_insights`` has kept for finished stats; None when they are not
+    computed yet (or the stats are not done)."""
+    if not _done(content):
+        return None
+    return _cache.get((content.key, root, thresholds_of(core.settings)))
+
+
+def prepare_checkpoint_view(core: Core, content: Content, root: str) -> None:
+    """Build the module tree and compute the insights of a root, for a page that did not wait for
+    them (run after its response is sent): its fragments then get them, or wait for this. Errors
+    are logged only: the fragment that asks next computes again and reports them."""
+    from . import checkpoints
+
+    try:
+        checkpoints.module_tree(core, content, root)
+        if _done(content):
+            checkpoint_insights(core, content, root)
+    except Exception:
+        log.exception("preparing the tree and insights of %s failed", content.key)
 
 
 def decorate_tree(node: dict[str, Any], insights: Insights) -> dict[str, Any]:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from ckptscope import __version__
 from ckptscope.errors import Invalid, NotFound
+from ckptscope.formats.model import module_types_under
 from ckptscope.http import csrf
 from ckptscope.http.deps import MAX_PAGE, CoreDep
 from ckptscope.http.uploads import receive_uploads
@@ -20,23 +23,31 @@ from ckptscope.services import catalogue_ops as ops
 from ckptscope.services import checkpoints as svc
 from ckptscope.services import identity, references
 from ckptscope.services import values as tensor_values
-from ckptscope.services.insights import Insights, checkpoint_insights
+from ckptscope.services.insights import (
+    Insights,
+    cached_insights,
+    checkpoint_insights,
+    prepare_checkpoint_view,
+    tensor_init,
+)
 from ckptscope.services.local_bytes import local_tensor
 from ckptscope.services.operations import Renamer
 from ckptscope.services.selection import normalize_mapping, parse_pairs
 
 from .charts import HistogramView, histogram_view
-from .templating import is_htmx, render
+from .templating import is_htmx, query, render
 
 if TYPE_CHECKING:
     from ckptscope.core import Core
     from ckptscope.formats import TensorInfo
-    from ckptscope.stats import TensorStats
+    from ckptscope.insights.init_verdict import InitVerdict
+    from ckptscope.stats import TensorStats, TreeNode
     from ckptscope.store.catalogue import Content
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 50
 PAGE_SIZES = (50, 100, 250, 500)  # the tensor table's rows-per-page choices; the largest bounds ?size=
+INLINE_TREE_TENSORS = 2_000  # up to this many tensors the page waits for its tree and insights (built in ms)
 MAX_TREE_PATHS = 2_000  # modules a tree refresh renders expanded (the page sends those it has open)
 MAX_SELECTED = 10_000  # modules/tensors ticked, and rename pairs, in one operation form
 CREATED_COOKIE = "ckptscope_created"  # flash: the checkpoint an export or copy just wrote
@@ -142,19 +153,20 @@ def checkpoint_page(
             detail = svc.tensor_detail(core, content, root, tensor)
         except NotFound as exc:
             detail_error = exc.detail
-    tree = svc.module_tree(core, content, root)
-    found = _insights(core, content, root)
+    tree, found = _tree_and_insights(core, content, root)
     tree_open = _module_chain(module) if module else ()  # ?module=: the tree opened down to it (a findings link)
     context = {
         "insights": found,
-        "detail_init": found.init.get(tensor) if found is not None and detail is not None and tensor else None,
+        "detail_init": _detail_init(core, content, root, detail, found),
         "tree_open": tree_open,
+        # the tree (and the facts it gives) not built yet: the page comes without them, and this loads them
+        "tree_url": None if tree is not None else _tree_url(row.id, params, module, tree_open, tensor),
         "target_module": module or None,
         "ckpt": row,
         "content": content,
         "source": references.source_of(row),
         "created": request.cookies.get(CREATED_COOKIE) == row.id,  # just written by an export or a copy
-        "params_by_dtype": svc.params_by_dtype(tree),
+        "params_by_dtype": svc.params_by_dtype(tree) if tree is not None else None,
         "root": root,
         "params": params,
         "page": page,
@@ -177,9 +189,60 @@ def checkpoint_page(
     target = request.headers.get("HX-Target") if is_htmx(request) else None
     block = {"detail": "detail", "tensor-table": "tensor_table"}.get(target or "")
     response = render(request, "checkpoint.html", context, block)
+    if tree is None:  # the tree and insights the page came without: computed once it is sent
+        response.background = BackgroundTask(prepare_checkpoint_view, core, content, root)
     if context["created"] and block is None:  # the message shows once
         response.delete_cookie(CREATED_COOKIE, path=f"/checkpoints/{row.id}")
     return response
+
+
+def _tree_and_insights(core: Core, content: Content, root: str) -> tuple[TreeNode | None, Insights | None]:
+    """The module tree and the insights the page shows. A big checkpoint whose tree or insights are
+    not ready yet (the first view after a start) gets (None, None): the page does not wait for them
+    but loads them after itself (``tree_url``); they are prepared once the page is sent."""
+    stats_done = svc.progress(core, content) is None  # insights are shown once the stats are done
+    tree = svc.built_module_tree(core, content, root)
+    found = cached_insights(core, content, root) if stats_done else None
+    ready = tree is not None and (found is not None or not stats_done)
+    if not ready and content.tensor_count > INLINE_TREE_TENSORS:
+        return None, None
+    if tree is None:
+        tree = svc.module_tree(core, content, root)
+    if found is None and stats_done:
+        found = checkpoint_insights(core, content, root)
+    return tree, found
+
+
+def _tree_url(
+    checkpoint_id: str, params: dict[str, Any], module: str, opened: tuple[str, ...], tensor: str | None
+) -> str:
+    """The tree fragment a page without its tree loads: the whole tree with the header's facts,
+    opened down to ``module`` (a findings link) and with the selected tensor marked."""
+    extra: list[tuple[str, str]] = [("facts", "true")]
+    if module:
+        extra.append(("module", module))
+    if tensor:
+        extra.append(("tensor", tensor))
+    extra += [("open", p) for p in opened]
+    base = query({"root": params["root"]})
+    return f"/checkpoints/{checkpoint_id}/tree?" + "&".join(x for x in (base, urlencode(extra)) if x)
+
+
+def _detail_init(
+    core: Core,
+    content: Content,
+    root: str,
+    detail: tuple[TensorInfo, TensorStats | None] | None,
+    found: Insights | None,
+) -> InitVerdict | None:
+    """The shown tensor's init verdict once the stats are done: the insights' own, or (a page that
+    did not wait for the insights) the same verdict judged for this one tensor (``tensor_init``)."""
+    if detail is None or svc.progress(core, content) is not None:
+        return None
+    info, stats = detail
+    if found is not None:
+        return found.init.get(info.name)
+    return tensor_init(info, stats, module_types_under(content.module_types or {}, root))
 
 
 def _histogram(
@@ -216,25 +279,60 @@ def tree_children(
     path: str = "",
     expand: Annotated[list[str] | None, Query(max_length=MAX_TREE_PATHS)] = None,
     opened: Annotated[list[str] | None, Query(alias="open", max_length=MAX_TREE_PATHS)] = None,
+    facts: bool = False,
+    module: str = "",
+    tensor: str | None = None,
 ) -> Response:
     """The children of one module (lazily, as a module is opened), or the whole tree again when the
     stats are ready: then ``expand`` names the modules whose children the page had loaded (rendered
-    inline, so ticked boxes inside survive) and ``open`` those shown open."""
+    inline, so ticked boxes inside survive) and ``open`` those shown open. ``facts``: also the
+    header's facts the tree gives (an out-of-band swap), for a page that came without its tree;
+    ``module``: the module a findings link points at, ``tensor``: the selected tensor."""
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
     node = svc.module_node(core, content, root, path)
     params = {"root": root if root != content.default_root else None}
     shown_open = frozenset(opened or ())
-    context = {
-        "insights": _insights(core, content, root),
+    loader = facts and not path  # the tree of a page that came without it
+    # that page shows the tree as soon as it is built: the badges follow once the insights are
+    # (``insights_ready``); any other tree request waits for them
+    found = cached_insights(core, content, root) if loader else _insights(core, content, root)
+    pending = loader and found is None and svc.progress(core, content) is None
+    context: dict[str, Any] = {
+        "insights": found,
         "ckpt": row,
         "node": node,
         "params": params,
         "offset": 0,
         "expand": frozenset(expand or ()) | shown_open,
         "open_paths": shown_open,
+        "target_module": module or None,
+        "selected": tensor or None,
+        "insights_pending": pending,
     }
-    return render(request, "checkpoint.html", context, "tree_children")
+    blocks = ["insights_pending", "tree_children"]
+    if loader:
+        tree = svc.module_tree(core, content, root)
+        context |= {
+            "oob": True,
+            "tree": tree,
+            "params_by_dtype": svc.params_by_dtype(tree),
+            "content": content,
+            "root": root,
+        }
+        blocks.append("facts")
+    return render(request, "checkpoint.html", context, blocks)
+
+
+@router.get("/checkpoints/{checkpoint_id}/insights-ready")
+def insights_ready(checkpoint_id: str, core: CoreDep, root: str | None = None) -> Response:
+    """Answers once the insights of a root are computed (computing them, or waiting for the
+    computation under way), with an ``insights-ready`` event: a tree shown without its badges then
+    loads again with them."""
+    _, content = svc.get_checkpoint(core, checkpoint_id)
+    root = svc.check_root(content, root)
+    _insights(core, content, root)
+    return Response(status_code=204, headers={"HX-Trigger": "insights-ready"})
 
 
 def _insights(core: Core, content: Content, root: str) -> Insights | None:
@@ -257,6 +355,10 @@ def findings(request: Request, checkpoint_id: str, core: CoreDep, root: str | No
     never waits for the rules."""
     row, content = svc.get_checkpoint(core, checkpoint_id)
     root = svc.check_root(content, root)
+    if cached_insights(core, content, root) is None:
+        # a first view: the page shows its tree first (the same CPU would build both at once and
+        # the tree later), so the rules wait for it (built once; this page needs it anyway)
+        svc.module_tree(core, content, root)
     found = checkpoint_insights(core, content, root)
     rank = {sev: i for i, sev in enumerate(reversed(SEVERITIES))}  # errors first
     context = {

@@ -218,6 +218,18 @@ document.addEventListener("htmx:configRequest", function (event) {
   });
 
   document.addEventListener("htmx:afterSettle", markSelected);
+  // a page that came without its tree (a big checkpoint's first view) loads it right after: once it
+  // is in, a findings link's module (?module=) gets the focus as on a page that had it
+  document.addEventListener("htmx:afterSettle", function (event) {
+    var root = tree();
+    if (!root || event.detail.target !== root || !root.hasAttribute("data-loads-tree")) return;
+    root.removeAttribute("data-loads-tree");
+    var target = root.querySelector('li[data-finding-target="true"]');
+    if (target) {
+      target.focus({ preventScroll: true });
+      target.scrollIntoView({ block: "center" });
+    }
+  });
   document.addEventListener("DOMContentLoaded", function () {
     var stored = "";
     try { stored = window.localStorage.getItem("ckptscope.treeCollapsed") || ""; } catch (e) { /* storage off */ }

@@ -5,11 +5,13 @@
 Two safetensors files of small tensors (bench/files.py's ``small_shapes``) are registered once
 through a real server (``ckptscope serve`` in a fresh process on a temporary data directory) and
 their stats computed. Then, ``--runs`` times, a fresh server process on that data directory is
-timed: the first view of each page after the start (nothing kept in the process yet), then, after
-two warm-up requests, the median of ``--requests`` requests of each (the target: warm, stats
-stored). Which page goes first alternates from process to process. The app sets no
-``Server-Timing`` header, so the time is the client's on loopback, request sent to body read: the
-server's time plus loopback transfer (5 MB for the API page), an upper bound of the server's own.
+timed: the first view of each page after the start (nothing kept in the process yet; for the
+checkpoint page also the time until its tree fragment and its insights-ready wait have answered, as
+the page's htmx asks for them), then, after two warm-up requests, the median of ``--requests``
+requests of each (the target: warm, stats stored). Which page goes first alternates from process to
+process. The app sets no ``Server-Timing`` header, so the time is the client's on loopback, request
+sent to body read: the server's time plus loopback transfer (5 MB for the API page), an upper bound
+of the server's own.
 The section between the markers in BENCHMARKS.md is rewritten; the rest of the file is kept.
 """
 
@@ -146,13 +148,19 @@ def run(args: argparse.Namespace) -> dict:
         warm: dict[str, list[float]] = {"page": [], "api": []}  # the server's own time
         client: dict[str, list[float]] = {"page": [], "api": []}  # the client's, on loopback
         other_order: list[float] = []
+        complete: list[float] = []  # the first view until its tree and badges are in (a browser's requests)
         for run_index in range(args.runs):
             server = Server(data)
             try:
                 order = ["page", "api"] if run_index % 2 == 0 else ["api", "page"]
                 for key in order:
                     url, params = targets[key]
+                    started = time.perf_counter()
                     first[key].append(server.timed(url, params)[0])
+                    if key == "page":  # what the page's htmx asks for next: the tree, then its badges
+                        server.client.get(f"{url}/tree", params={"facts": "true"}).raise_for_status()
+                        server.client.get(f"{url}/insights-ready").raise_for_status()
+                        complete.append(time.perf_counter() - started)
                     for _ in range(2):
                         server.timed(url, params)
                     times = [server.timed(url, params) for _ in range(args.requests)]
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         "first": {k: statistics.median(v) for k, v in first.items()},
         "first_all": first,
         "api_other_order": statistics.median(other_order),
+        "page_complete": statistics.median(complete),
         "file_bytes": sizes,
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "cores": os.cpu_count(),
@@ -239,8 +248,10 @@ def report(r: dict) -> str:
         f"{c['page'] * 1e3:.1f} ms |",
         f"| tensors API page, warm, client time on loopback ({r['api_json_bytes'] / 1e6:.1f} MB; httpx reading "
         f"it is most of the difference) | {c['api'] * 1e3:.1f} ms |",
-        f"| checkpoint page, first view after the server starts (tree built, insights computed) | "
+        f"| checkpoint page, first view after the server starts (sent before its tree and insights) | "
         f"{f['page'] * 1e3:.0f} ms |",
+        f"| … the same first view until its tree and badges are in (client time: the page, its tree fragment "
+        f"and the insights-ready wait, as the browser asks for them) | {r['page_complete'] * 1e3:.0f} ms |",
         f"| tensors API page, first request after the server starts (every row written from its columns) | "
         f"{f['api'] * 1e3:.0f} ms |",
         f"| tensors API page in another order (sort=std, desc), the rows kept from the first | "
@@ -252,10 +263,13 @@ def report(r: dict) -> str:
         "the page's rows are written from their columns with the stored histogram text copied "
         "(`ckptscope/api/tensor_rows.py`), rows of finished stats are kept per content, the catalogue is "
         "read through Core selects, and the tree reads no stats but NaN/Inf counts. The first view after a "
-        "start is still long: it builds the tree once and computes the findings and init verdicts "
-        "(`services/insights.py`'s `analyse`, cached afterwards) over all 50,000 tensors with their full "
-        "stats, which the tree badges wait for; moving that off the page's path (badges loaded after it) "
-        "is what is left.",
+        "start no longer waits for the tree and the insights: a page of more than 2,000 tensors whose tree "
+        "or insights are not kept yet is sent with loading states, a background task builds the tree and "
+        "then the insights (one pass over the rows, stored verdicts read from their column; requests that "
+        "overlap compute once), and the tree and its badges load after the page. What the user still "
+        "waits for after a restart is the row above: reading the 50,000 rows for the tree and building it "
+        "(~1.1 s), then the insights (~1.8 s); storing the insights with the stats would remove the "
+        "second.",
         END,
     ]
     return "\n".join(lines)
